@@ -1,0 +1,41 @@
+# pysnell: `make test` runs the test suite, `make demo` runs the main job.
+# Both create (or reuse) .venv. If the system python already has torch, the venv sees it
+# (--system-site-packages); otherwise the CPU wheel $(TORCH_SPEC) is installed.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pysnell-installed
+
+.PHONY: test demo demo-real lint format bench gpu clean
+
+$(STAMP): pyproject.toml setup.py
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,bench,peft]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m pysnell.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

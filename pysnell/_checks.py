@@ -1,0 +1,47 @@
+"""Argument checks shared by the ops: clear errors before anything reaches a kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_float_tensor(name: str, t, *, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16, float64), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        if dev != first:
+            listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+            raise ValueError(f"all tensors must be on one device, got {listing} ({name} differs)")
+    return first
+
+
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+    """Validate a sparsity (fraction zeroed) in [0, 1) and return it as a float."""
+    if isinstance(sparsity, torch.Tensor):
+        if sparsity.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(sparsity.shape)}")
+        value = float(sparsity.detach().cpu())
+    elif isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+        value = float(sparsity)
+    else:
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(sparsity).__name__}")
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise ValueError(f"{name} must be in [0, 1) (the fraction of entries zeroed), got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value

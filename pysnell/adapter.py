@@ -1,0 +1,219 @@
+"""Adapter injection into existing models, merge, save/load (peft-style target matching)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._checks import check_choice, check_sparsity
+from .nn.snell_linear import SNELLLinear
+from .ops.snell import reference as ref
+
+CONFIG_NAME = "pysnell_config.json"
+WEIGHTS_NAME = "pysnell_adapter.safetensors"
+
+
+@dataclass
+class SNELLConfig:
+    """Which linears get a SNELL adapter, and its hyper-parameters.
+
+    target_modules / exclude_modules follow peft: a string is a full-match regex on the module
+    name; a list matches a name exactly or as a ".name" suffix. `out_groups` maps the same kind
+    of pattern to a group count (default: timm's fused "qkv" gets 3 thresholds, like the reference's
+    separate q, k, v). `modules_to_save` stay fully trainable (e.g. a classifier head).
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    r: int = 8
+    sparsity: float = 0.9
+    kernel: str = "piecewise"
+    pieces: int = 2
+    scale: float = 0.1
+    mode: str = "reference"
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    learnable_coeffs: bool = False
+    out_groups: dict[str, int] = field(default_factory=lambda: {"qkv": 3})
+
+    def __post_init__(self):
+        if self.target_modules is None:
+            raise ValueError("target_modules is required (a regex string or a list of module names)")
+        check_sparsity(self.sparsity)
+        check_choice("kernel", self.kernel, ref.KERNELS)
+        check_choice("mode", self.mode, ref.MODES)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if self.r % self.pieces:
+            raise ValueError(f"r={self.r} must be divisible by pieces={self.pieces}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SNELLConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _matches(name: str, patterns) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _groups_for(name: str, out_groups: dict[str, int]) -> int:
+    for pattern, g in (out_groups or {}).items():
+        if _matches(name, pattern if any(c in pattern for c in ".*[]()|+?^$\\") else [pattern]):
+            return int(g)
+    return 1
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, config: SNELLConfig) -> nn.Module:
+    """Replace matching nn.Linear layers by SNELLLinear in place; freeze everything else.
+
+    Returns the model. Raises if no module matched (a typo in target_modules must not train nothing).
+    """
+    if getattr(model, "pysnell_config", None) is not None:
+        raise RuntimeError("model already has SNELL adapters; call merge_and_unload first")
+    targets = [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+        and _matches(name, config.target_modules)
+        and not _matches(name, config.exclude_modules)
+    ]
+    if not targets:
+        raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
+    model.requires_grad_(False)
+    for name in targets:
+        base = model.get_submodule(name)
+        layer = SNELLLinear(
+            base,
+            r=config.r,
+            sparsity=config.sparsity,
+            kernel=config.kernel,
+            pieces=config.pieces,
+            scale=config.scale,
+            mode=config.mode,
+            dropout=config.dropout,
+            drop_path=config.drop_path,
+            out_groups=_groups_for(name, config.out_groups),
+            learnable_coeffs=config.learnable_coeffs,
+        )
+        _set_submodule(model, name, layer)
+    for name, mod in model.named_modules():
+        if config.modules_to_save and _matches(name, config.modules_to_save):
+            mod.requires_grad_(True)
+    model.pysnell_config = config
+    return model
+
+
+def snell_layers(model: nn.Module):
+    """(name, SNELLLinear) pairs of a model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SNELLLinear)]
+
+
+def merge_and_unload(model: nn.Module, progressbar: bool = False) -> nn.Module:
+    """Fold every SNELL update into its base weight (fp32 math) and put the plain nn.Linear back."""
+    layers = snell_layers(model)
+    iterator = layers
+    if progressbar:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(layers, desc="merging SNELL layers")
+    for name, layer in iterator:
+        if not layer.merged:
+            layer.merge()
+        _set_submodule(model, name, layer.base)
+    model.pysnell_config = None
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Run the base model: every SNELL layer (unmerged) is bypassed inside the block."""
+    layers = [m for _, m in snell_layers(model)]
+    if any(m.merged for m in layers):
+        raise RuntimeError("disable_adapter needs unmerged layers; call unmerge() first")
+    saved = [m.forward for m in layers]
+    try:
+        for m in layers:
+            m.forward = m.base.forward
+        yield model
+    finally:
+        for m, fwd in zip(layers, saved):
+            m.forward = fwd
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor plus each SNELL layer's sparsity (what defines the adapter)."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for name, layer in snell_layers(model):
+        state[f"{name}.sparsity" if name else "sparsity"] = layer.sparsity.detach()
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str) -> None:
+    """Write the adapter (trainable tensors as safetensors, config as JSON) to `directory`."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "pysnell_config", None)
+    if config is None:
+        raise ValueError("model has no SNELL adapters (inject it first)")
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(state, os.path.join(directory, WEIGHTS_NAME))
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+
+
+def load_adapter(model: nn.Module, directory: str) -> nn.Module:
+    """Load an adapter written by save_adapter; injects it first if the model has none."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        config = SNELLConfig.from_dict(json.load(f))
+    if getattr(model, "pysnell_config", None) is None:
+        inject(model, config)
+    state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    own = dict(model.named_parameters())
+    own.update({k: v for k, v in model.named_buffers()})
+    missing = [k for k in adapter_state_dict(model) if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"{k}: adapter has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = count_parameters(model)
+    pct = 100.0 * trainable / max(total, 1)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")

@@ -1,0 +1,154 @@
+"""Functional API: validated entry points to the autograd Functions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_float_tensor, check_same_device, check_sparsity
+from .ops.monarch.function import monarch_matmul, monarch_project  # noqa: F401 (re-export)
+from .ops.snell import reference as ref
+from .ops.snell.function import KernelMergeFunction, SNELLLinearFunction, SparsifyFunction
+from .ops.snell.reference import SnellSpec
+from .ops.topk.function import topk_mask, topk_mask_  # noqa: F401 (re-export)
+
+
+def check_snell_factors(A, B, *, kernel, pieces, out_groups=1, in_features=None, out_features=None):
+    check_float_tensor("A", A, ndim=2)
+    check_float_tensor("B", B, ndim=2)
+    check_choice("kernel", kernel, ref.KERNELS)
+    r = A.shape[0]
+    if B.shape[1] != r:
+        raise ValueError(f"B must be (out, r={r}) to match A (r, in) = {tuple(A.shape)}, got {tuple(B.shape)}")
+    if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
+        raise ValueError(f"pieces must be a positive int, got {pieces!r}")
+    if r % pieces:
+        raise ValueError(f"r={r} must be divisible by pieces={pieces}")
+    if isinstance(out_groups, bool) or not isinstance(out_groups, int) or out_groups < 1:
+        raise ValueError(f"out_groups must be a positive int, got {out_groups!r}")
+    if B.shape[0] % out_groups:
+        raise ValueError(f"out_features={B.shape[0]} must be divisible by out_groups={out_groups}")
+    if in_features is not None and A.shape[1] != in_features:
+        raise ValueError(f"A must be (r, in={in_features}), got {tuple(A.shape)}")
+    if out_features is not None and B.shape[0] != out_features:
+        raise ValueError(f"B must be (out={out_features}, r), got {tuple(B.shape)}")
+    check_same_device(A=A, B=B)
+
+
+def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, gamma=None):
+    """Fill in the kernel's tensor parameters (defaults: spec init values, no gradient)."""
+    dev, dt = A.device, A.dtype
+    if coeffs is None:
+        coeffs = ref.default_coeffs(pieces, scale, device=dev, dtype=dt)
+    elif coeffs.shape != (pieces,):
+        raise ValueError(f"coeffs must have shape (pieces={pieces},), got {tuple(coeffs.shape)}")
+    init = ref.SCALAR_INIT.get(kernel, {"alpha": 1.0, "beta": 1.0, "gamma": 0.0})
+    out = []
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if value is None:
+            value = torch.tensor(init[name], device=dev, dtype=dt)
+        elif not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError(f"{name} must be a 1-element tensor, got {value!r}")
+        out.append(value.reshape(()))
+    check_same_device(A=A, coeffs=coeffs, alpha=out[0], beta=out[1], gamma=out[2])
+    return (coeffs.to(dt),) + tuple(v.to(dt) for v in out)
+
+
+def kernel_merge(
+    A, B, kernel="piecewise", pieces=2, scale=0.1, *, coeffs=None, alpha=None, beta=None, gamma=None, out_groups=1
+):
+    """ΔW = κ(B, A) (spec §2): A (r, in), B (out, r) -> (out, in).
+
+    Kernels: "piecewise" (Σ_p c_p‖b_i^p − a_j^p‖, c_p = scale·(−1)^p), "linear" (B A), "rbf",
+    "sigmoid", "snella". Tensor parameters (coeffs, alpha, beta, gamma) receive gradients.
+    """
+    check_snell_factors(A, B, kernel=kernel, pieces=pieces, out_groups=out_groups)
+    A, B = _common_dtype(A, B)
+    params = kernel_params(A, kernel, pieces, scale, coeffs, alpha, beta, gamma)
+    return KernelMergeFunction.apply(A, B, *params, SnellSpec(kernel, pieces, "reference", out_groups))
+
+
+def sparsify(delta, sparsity, mode="reference", *, out_groups=1):
+    """Competition-based sparsification of ΔW (spec §3), per group of output rows.
+
+    t = quantile(|ΔW|, sparsity) (torch.quantile's linear rule, any size, no host sync);
+    mode "reference": ΔW·|ΔW|·[|ΔW|>t]; "paper": ΔW·max(|ΔW|−t, 0); "mask": ΔW·[|ΔW|>t].
+    sparsity 0 returns ΔW unchanged.
+    """
+    check_float_tensor("delta", delta, ndim=2)
+    check_choice("mode", mode, ref.MODES)
+    if delta.shape[0] % out_groups:
+        raise ValueError(f"delta rows ({delta.shape[0]}) must be divisible by out_groups={out_groups}")
+    if not isinstance(sparsity, torch.Tensor):
+        check_sparsity(sparsity)
+    return SparsifyFunction.apply(delta, sparsity, mode, out_groups)
+
+
+def _common_dtype(A, B):
+    dt = torch.promote_types(A.dtype, B.dtype)
+    return A.to(dt), B.to(dt)
+
+
+def _drop_path(x, p, training):
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+def snell_linear(
+    x,
+    weight,
+    bias,
+    A,
+    B,
+    *,
+    sparsity,
+    kernel="piecewise",
+    pieces=2,
+    scale=0.1,
+    mode="reference",
+    coeffs=None,
+    alpha=None,
+    beta=None,
+    gamma=None,
+    out_groups=1,
+    dropout=0.0,
+    drop_path=0.0,
+    training=False,
+):
+    """The SNELL layer: y = x W0ᵀ + b0 + DropPath(Dropout(x)·Sᵀ).
+
+    With no dropout/drop-path (or in eval) this is one fused y = x (W0 + S)ᵀ + b0.
+    Under autocast the GEMMs run in the autocast dtype; the merge and selection run in the
+    factors' dtype (fp32).
+    """
+    check_float_tensor("x", x)
+    check_snell_factors(
+        A,
+        B,
+        kernel=kernel,
+        pieces=pieces,
+        out_groups=out_groups,
+        in_features=x.shape[-1],
+        out_features=None if weight is None else weight.shape[0],
+    )
+    check_choice("mode", mode, ref.MODES)
+    check_same_device(x=x, A=A, B=B, **({"weight": weight} if weight is not None else {}))
+    if weight is not None and weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (out, in={x.shape[-1]}), got {tuple(weight.shape)}")
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    A, B = _common_dtype(A, B)
+    params = kernel_params(A, kernel, pieces, scale, coeffs, alpha, beta, gamma)
+    spec = SnellSpec(kernel, pieces, mode, out_groups)
+    with torch.autocast(dev, enabled=False):
+        if training and (dropout > 0.0 or drop_path > 0.0):
+            # Reference branch form: frozen GEMM plus a separately regularised SNELL branch.
+            base = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            xb = F.dropout(x, dropout, True)
+            branch = SNELLLinearFunction.apply(xb, None, None, A, B, *params, sparsity, spec)
+            return base + _drop_path(branch, drop_path, True)
+        return SNELLLinearFunction.apply(x, weight, bias, A, B, *params, sparsity, spec)

@@ -1,0 +1,154 @@
+"""SNELL autograd Functions and backend dispatch.
+
+Backend ops (same signature in every backend):
+- "snell.merge"(A, B, params, spec) -> ΔW (m, n) in the factors' dtype
+- "snell.merge_backward"(G, A, B, params, spec, need) -> (dA, dB, dcoeffs, dalpha, dbeta, dgamma)
+- "snell.layer_forward"(x2, weight, bias, A, B, params, spec, sparsity) -> (y2, thresholds (G,))
+- "snell.layer_backward"(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs)
+      -> (dx2, dweight, dbias, dA, dB, dcoeffs, dalpha, dbeta, dgamma)
+The layer Function saves only x, the factors, the kernel scalars and the thresholds; every
+backend recomputes ΔW (or its tiles) in backward instead of saving anything m×n.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import _backend
+from ..topk.function import select_threshold
+from . import reference as ref
+from .reference import KernelParams, SnellSpec
+
+
+def _is_known_zero(sparsity) -> bool:
+    zero = ref._zero_sparsity(sparsity)
+    return zero is True
+
+
+def thresholds_for(delta: torch.Tensor, sparsity, groups: int) -> torch.Tensor:
+    """Per-group quantile thresholds of |ΔW| (float32, (G,)); zeros when sparsity is 0."""
+    if _is_known_zero(sparsity):
+        return torch.zeros(groups, dtype=torch.float32, device=delta.device)
+    return select_threshold(delta.reshape(groups, -1), sparsity)
+
+
+def effective_weight(weight, S, dtype):
+    """W0 + S computed in fp32 (or wider), cast to the GEMM dtype (S alone for the branch-only form)."""
+    if weight is None:
+        return S.to(dtype)
+    acc = torch.promote_types(torch.float32, torch.promote_types(S.dtype, dtype))
+    return (weight.to(acc) + S.to(acc)).to(dtype)
+
+
+def _torch_layer_forward(x2, weight, bias, A, B, params, spec, sparsity):
+    delta = ref.merge(A, B, params, spec)
+    t = thresholds_for(delta, sparsity, spec.out_groups)
+    S = ref.sparsify_given_threshold(delta, t, spec.mode, sparsity, spec.out_groups)
+    W = effective_weight(weight, S, x2.dtype)
+    y = F.linear(x2, W, None if bias is None else bias.to(x2.dtype))
+    return y, t
+
+
+def _torch_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, t, needs):
+    need_x, need_w, need_b, need_A, need_B = needs[:5]
+    dx = dweight = dbias = None
+    delta = ref.merge(A, B, params, spec)
+    if need_x:
+        S = ref.sparsify_given_threshold(delta, t, spec.mode, sparsity, spec.out_groups)
+        dx = dy2 @ effective_weight(weight, S, dy2.dtype)
+    if need_b:
+        dbias = dy2.sum(0)
+    grads = (None,) * 6
+    if need_w or need_A or need_B or any(needs[5:]):
+        grad_s = (dy2.t() @ x2.to(dy2.dtype)).to(A.dtype)
+        if need_w:
+            dweight = grad_s.to(weight.dtype)
+        if need_A or need_B or any(needs[5:]):
+            grad_delta = ref.sparsify_backward(grad_s, delta, t, spec.mode, sparsity, spec.out_groups)
+            grads = ref.merge_backward(grad_delta, A, B, params, spec, needs[5:])
+    return (dx, dweight, dbias) + tuple(grads)
+
+
+_backend.register("snell.merge", "torch", ref.merge)
+_backend.register("snell.merge_backward", "torch", ref.merge_backward)
+_backend.register("snell.layer_forward", "torch", _torch_layer_forward)
+_backend.register("snell.layer_backward", "torch", _torch_layer_backward)
+
+
+def _param_grads(ctx, grads, first_index):
+    """Keep only the gradients that autograd asked for (by input index)."""
+    return tuple(g if ctx.needs_input_grad[first_index + i] else None for i, g in enumerate(grads))
+
+
+class KernelMergeFunction(torch.autograd.Function):
+    """ΔW = κ(B, A) with the closed-form backward of spec §2."""
+
+    @staticmethod
+    def forward(ctx, A, B, coeffs, alpha, beta, gamma, spec: SnellSpec):
+        params = KernelParams(coeffs, alpha, beta, gamma)
+        _, impl = _backend.pick("snell.merge", A.device)
+        delta = impl(A, B, params, spec)
+        ctx.save_for_backward(A, B, coeffs, alpha, beta, gamma)
+        ctx.spec = spec
+        return delta
+
+    @staticmethod
+    def backward(ctx, G):
+        A, B, coeffs, alpha, beta, gamma = ctx.saved_tensors
+        params = KernelParams(coeffs, alpha, beta, gamma)
+        _, impl = _backend.pick("snell.merge_backward", A.device)
+        need = tuple(ctx.needs_input_grad[2:6])
+        dA, dB, *rest = impl(G.to(A.dtype), A, B, params, ctx.spec, need)
+        return _param_grads(ctx, (dA, dB, *rest), 0) + (None,)
+
+
+class SparsifyFunction(torch.autograd.Function):
+    """S = sparsify(ΔW) with a constant per-group threshold; saves ΔW and the thresholds."""
+
+    @staticmethod
+    def forward(ctx, delta, sparsity, mode: str, groups: int):
+        t = thresholds_for(delta, sparsity, groups)
+        S = ref.sparsify_given_threshold(delta, t, mode, sparsity, groups)
+        ctx.save_for_backward(delta, t)
+        ctx.sparsity, ctx.mode, ctx.groups = sparsity, mode, groups
+        return S
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        delta, t = ctx.saved_tensors
+        return ref.sparsify_backward(grad_s, delta, t, ctx.mode, ctx.sparsity, ctx.groups), None, None, None
+
+
+class SNELLLinearFunction(torch.autograd.Function):
+    """y = x (W0 + S)ᵀ + b, or the branch x Sᵀ alone when weight is None.
+
+    S = sparsify(κ(B, A)) with thresholds selected in forward. Saves x, A, B, the kernel
+    scalars and the thresholds; backward recomputes ΔW from A and B (no re-selection).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, coeffs, alpha, beta, gamma, sparsity, spec: SnellSpec):
+        n = A.shape[1]
+        x2 = x.reshape(-1, n)
+        params = KernelParams(coeffs, alpha, beta, gamma)
+        _, impl = _backend.pick("snell.layer_forward", x.device)
+        y2, t = impl(x2, weight, bias, A, B, params, spec, sparsity)
+        ctx.save_for_backward(x, weight, A, B, coeffs, alpha, beta, gamma, t)
+        ctx.spec, ctx.sparsity = spec, sparsity
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, A, B, coeffs, alpha, beta, gamma, t = ctx.saved_tensors
+        n = A.shape[1]
+        params = KernelParams(coeffs, alpha, beta, gamma)
+        needs = tuple(ctx.needs_input_grad[:9])
+        _, impl = _backend.pick("snell.layer_backward", x.device)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grads = impl(dy2, x.reshape(-1, n), weight, A, B, params, ctx.spec, ctx.sparsity, t, needs)
+        dx = grads[0]
+        if dx is not None:
+            dx = dx.reshape(x.shape).to(x.dtype)
+        return (dx,) + _param_grads(ctx, grads[1:], 1) + (None, None)

@@ -1,0 +1,209 @@
+"""SNELL kernelized merge and sparsification in pure PyTorch: the source of truth.
+
+Layout (spec/SNELL.md): A is (r, n), B is (m, r); ΔW[i, j] = κ(b_i, a_j) is (m, n).
+With out_groups = G the m rows form G equal groups that behave exactly like G separate
+layers sharing A: each has its own threshold and (for "snella") its own softmax.
+Every backward here is the closed form from the spec; autograd never runs through cdist.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+KERNELS = ("piecewise", "linear", "rbf", "sigmoid", "snella")
+MODES = ("reference", "paper", "mask")
+# Kernels with learnable scalars (α, β, γ) and their initial values (spec §2).
+SCALAR_INIT = {
+    "rbf": {"alpha": 1.0, "beta": 1.0, "gamma": 0.0},
+    "sigmoid": {"alpha": 1.0, "beta": 1.0, "gamma": 0.0},
+    "snella": {"alpha": 1.0, "beta": 0.0, "gamma": 1.0},
+}
+
+
+class SnellSpec(NamedTuple):
+    """Static (non-tensor) description of a SNELL merge."""
+
+    kernel: str = "piecewise"
+    pieces: int = 2
+    mode: str = "reference"
+    out_groups: int = 1
+
+
+class KernelParams(NamedTuple):
+    """Tensor parameters of the kernel: piece coefficients c_p and the scalars α, β, γ."""
+
+    coeffs: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    gamma: torch.Tensor
+
+
+def default_coeffs(pieces: int, scale: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """c_p = scale·(−1)^p (reference: [+0.1, −0.1])."""
+    signs = torch.tensor([(-1.0) ** p for p in range(pieces)], dtype=dtype, device=device)
+    return signs * scale
+
+
+def _pieces(A, B, pieces):
+    d = A.shape[0] // pieces
+    for p in range(pieces):
+        yield p, A[p * d : (p + 1) * d], B[:, p * d : (p + 1) * d]
+
+
+def piece_distance(Bp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
+    """δ[i, j] = ‖b_i − a_j‖₂ for Bp (m, d) and Ap (d, n), as torch.cdist computes it."""
+    return torch.cdist(Bp.unsqueeze(0), Ap.t().unsqueeze(0)).squeeze(0)
+
+
+def piecewise(A, B, coeffs, pieces):
+    delta = None
+    for p, Ap, Bp in _pieces(A, B, pieces):
+        term = coeffs[p] * piece_distance(Bp, Ap)
+        delta = term if delta is None else delta + term
+    return delta
+
+
+def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    return t.reshape(groups, t.shape[0] // groups, t.shape[1])
+
+
+def merge(A, B, params: KernelParams, spec: SnellSpec) -> torch.Tensor:
+    """ΔW = κ(B, A), shape (m, n), in the factors' dtype."""
+    kernel = spec.kernel
+    if kernel == "linear":
+        return B @ A
+    if kernel == "piecewise":
+        return piecewise(A, B, params.coeffs, spec.pieces)
+    if kernel == "rbf":
+        sq = piece_distance(B, A).square()
+        return params.alpha * torch.exp(-params.beta * sq) + params.gamma
+    if kernel == "sigmoid":
+        return params.alpha * torch.sigmoid(params.beta * (B @ A)) + params.gamma
+    if kernel == "snella":
+        D = piecewise(A, B, params.coeffs, spec.pieces)
+        P = torch.softmax(_grouped(D, spec.out_groups) / params.gamma, dim=1).reshape(D.shape)
+        return D + params.alpha * P + params.beta
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _piecewise_backward(G, A, B, coeffs, pieces, need_coeffs):
+    dA = torch.empty_like(A)
+    dB = torch.empty_like(B)
+    dcoeffs = torch.zeros_like(coeffs) if need_coeffs else None
+    for p, Ap, Bp in _pieces(A, B, pieces):
+        dist = piece_distance(Bp, Ap)
+        if need_coeffs:
+            dcoeffs[p] = (G * dist).sum()
+        # E_p = c_p·G/δ_p, 0 where δ_p = 0 (torch's subgradient of the norm).
+        E = torch.where(dist > 0, coeffs[p] * G / dist, torch.zeros((), dtype=G.dtype, device=G.device))
+        d = Ap.shape[0]
+        sl = slice(p * d, (p + 1) * d)
+        dB[:, sl] = Bp * E.sum(1, keepdim=True) - E @ Ap.t()
+        dA[sl] = Ap * E.sum(0, keepdim=True) - Bp.t() @ E
+    return dA, dB, dcoeffs
+
+
+def merge_backward(G, A, B, params: KernelParams, spec: SnellSpec, need_params: tuple[bool, bool, bool, bool]):
+    """Gradients of merge w.r.t. (A, B, coeffs, alpha, beta, gamma) given G = ∂L/∂ΔW."""
+    need_c, need_a, need_b, need_g = need_params
+    dalpha = dbeta = dgamma = dcoeffs = None
+    kernel = spec.kernel
+    if kernel == "linear":
+        return B.t() @ G, G @ A.t(), None, None, None, None
+    if kernel == "piecewise":
+        dA, dB, dcoeffs = _piecewise_backward(G, A, B, params.coeffs, spec.pieces, need_c)
+        return dA, dB, dcoeffs, None, None, None
+    if kernel == "rbf":
+        sq = piece_distance(B, A).square()
+        K = torch.exp(-params.beta * sq)
+        GK = G * K
+        dalpha = GK.sum() if need_a else None
+        dbeta = -(params.alpha * (GK * sq).sum()) if need_b else None
+        dgamma = G.sum() if need_g else None
+        H = (-2.0 * params.alpha * params.beta) * GK
+        dB = B * H.sum(1, keepdim=True) - H @ A.t()
+        dA = A * H.sum(0, keepdim=True) - B.t() @ H
+        return dA, dB, None, dalpha, dbeta, dgamma
+    if kernel == "sigmoid":
+        L = B @ A
+        sig = torch.sigmoid(params.beta * L)
+        dalpha = (G * sig).sum() if need_a else None
+        dgamma = G.sum() if need_g else None
+        H = G * params.alpha * sig * (1 - sig)
+        dbeta = (H * L).sum() if need_b else None
+        return params.beta * (B.t() @ H), params.beta * (H @ A.t()), None, dalpha, dbeta, dgamma
+    if kernel == "snella":
+        D = piecewise(A, B, params.coeffs, spec.pieces)
+        Z = _grouped(D, spec.out_groups) / params.gamma
+        P = torch.softmax(Z, dim=1)
+        Gg = _grouped(G, spec.out_groups)
+        dalpha = (Gg * P).sum() if need_a else None
+        dbeta = G.sum() if need_b else None
+        Ga = params.alpha * Gg
+        dZ = P * (Ga - (Ga * P).sum(1, keepdim=True))
+        dgamma = -(dZ * Z).sum() / params.gamma if need_g else None
+        dD = G + (dZ / params.gamma).reshape(G.shape)
+        dA, dB, dcoeffs = _piecewise_backward(dD, A, B, params.coeffs, spec.pieces, need_c)
+        return dA, dB, dcoeffs, dalpha, dbeta, dgamma
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
+def _zero_sparsity(sparsity):
+    """True/False, or a device bool tensor when sparsity lives on a GPU (no sync)."""
+    if isinstance(sparsity, torch.Tensor):
+        if sparsity.device.type == "cpu":
+            return bool(sparsity == 0)
+        return sparsity == 0
+    return float(sparsity) == 0.0
+
+
+def _select(zero, dense, sparse):
+    if isinstance(zero, bool):
+        return dense if zero else sparse
+    return torch.where(zero, dense, sparse)
+
+
+def sparsify_given_threshold(delta, threshold, mode: str, sparsity, groups: int = 1):
+    """S from ΔW and the per-group thresholds (G,) in the given mode (spec §3)."""
+    zero = _zero_sparsity(sparsity)
+    if zero is True:
+        return delta
+    d = _grouped(delta, groups)
+    mag = d.abs()
+    t = threshold.to(delta.dtype).view(groups, 1, 1)
+    keep = mag > t
+    if mode == "reference":
+        out = d * mag
+    elif mode == "paper":
+        out = d * (mag - t)
+    elif mode == "mask":
+        out = d
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    # where, not a product with the mask: a dropped NaN must become 0, not NaN.
+    out = torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return _select(zero, delta, out.reshape(delta.shape))
+
+
+def sparsify_backward(grad_s, delta, threshold, mode: str, sparsity, groups: int = 1):
+    """∂L/∂ΔW from ∂L/∂S; the threshold is a constant."""
+    zero = _zero_sparsity(sparsity)
+    if zero is True:
+        return grad_s
+    d = _grouped(delta, groups)
+    g = _grouped(grad_s, groups)
+    mag = d.abs()
+    t = threshold.to(delta.dtype).view(groups, 1, 1)
+    keep = mag > t
+    if mode == "reference":
+        out = g * mag
+    elif mode == "paper":
+        out = g * (2 * mag - t)
+    elif mode == "mask":
+        out = g
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    out = torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return _select(zero, grad_s, out.reshape(delta.shape))
