@@ -1,0 +1,47 @@
+import os
+import random
+
+import pytest
+import torch
+
+# The Triton interpreter must be chosen before triton is imported anywhere.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh random seed per test (data differs every run); printed when the test fails."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    yield value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = [v for k, v in item.user_properties if k == "seed"]
+        if seeds:
+            report.sections.append(("seed", f"torch.manual_seed({seeds[0]}) reproduces this failure"))
+
+
+@pytest.fixture
+def backend():
+    """Restore the global backend after a test that changes it."""
+    import pysnell
+
+    before = pysnell.get_backend()
+    yield pysnell
+    pysnell.set_backend(before)
