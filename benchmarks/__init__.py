@@ -1,0 +1,1 @@
+"""pysnell benchmarks: micro-benchmarks, baselines and a comparison runner (python -m benchmarks)."""
