@@ -19,6 +19,8 @@ from .functional import kernel_merge, snell_linear, sparsify
 from .nn import MonarchLinear, SNELLLinear
 from .ops.monarch.function import monarch_matmul, monarch_project
 from .ops.topk.function import topk_mask, topk_mask_
+from .snella import SNELLAAllocator
+from .train import snella_step
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ def _load_triton():
 _backend.register_loader("triton", _load_triton)
 
 __all__ = [
+    "SNELLAAllocator",
     "SNELLConfig",
     "MonarchLinear",
     "SNELLLinear",
@@ -48,6 +51,7 @@ __all__ = [
     "save_adapter",
     "set_backend",
     "snell_linear",
+    "snella_step",
     "sparsify",
     "topk_mask",
     "topk_mask_",
