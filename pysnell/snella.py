@@ -371,17 +371,17 @@ class SNELLAAllocator:
         """The allocation as a fixed-width text table with a total row."""
         rows = self.allocation()
         width = max([len("layer")] + [len(name) for name in rows])
-        header = f"{'layer':<{width}}  {'size':>10}  {'nonzeros':>10}  {'sparsity':>8}  {'share':>7}  {'score':>10}"
+        header = f"{'layer':<{width}}  {'size':>10}  {'nonzeros':>10}  {'sparsity':>9}  {'share':>7}  {'score':>10}"
         lines = [header, "-" * len(header)]
         for name, r in rows.items():
             lines.append(
-                f"{name:<{width}}  {r['size']:>10d}  {r['nonzeros']:>10d}  {r['sparsity']:>8.4f}  "
+                f"{name:<{width}}  {r['size']:>10d}  {r['nonzeros']:>10d}  {r['sparsity']:>9.6f}  "
                 f"{r['share']:>7.4f}  {r['score']:>10.3e}"
             )
         size = sum(r["size"] for r in rows.values())
         kept = sum(r["nonzeros"] for r in rows.values())
         lines.append("-" * len(header))
-        lines.append(f"{'total':<{width}}  {size:>10d}  {kept:>10d}  {1.0 - kept / size:>8.4f}")
+        lines.append(f"{'total':<{width}}  {size:>10d}  {kept:>10d}  {1.0 - kept / size:>9.6f}")
         return "\n".join(lines)
 
     def copy_sparsity_to(self, other: nn.Module) -> None:
