@@ -194,7 +194,7 @@ def main(argv=None):
         ("full fine-tuning", method_full, 1e-3),
         ("LoRA r=8 (peft)", method_lora, 5e-3),
         ("SNELL r=8, s=0.9", method_snell, args.snell_lr),
-        ("SNELLA r=8, s 0.5->0.9", lambda m: method_snella(m, steps), args.snell_lr),
+        ("SNELLA r=8, s 0.5->0.9 (allocated)", lambda m: method_snella(m, steps), args.snell_lr),
         ("Monarch nblocks=4", method_monarch, 2e-3),
     ]
     head_only = new_head(copy.deepcopy(base), 5, args.seed)
