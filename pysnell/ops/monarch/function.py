@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import _backend
+from ... import _backend, _library
 from ..._checks import check_float_tensor, check_same_device
 from . import reference as ref
 
@@ -58,8 +58,8 @@ class MonarchMatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, bias, out_features):
         x2 = x.reshape(-1, x.shape[-1])
-        _, impl = _backend.pick("monarch.forward", x.device)
-        y2 = impl(x2, w1, w2, bias, out_features)
+        # Through the custom op: it picks the backend at run time (opaque to torch.compile).
+        y2 = _library.monarch_forward(x2, w1, w2, bias, out_features)
         ctx.save_for_backward(x, w1, w2)
         ctx.has_bias = bias is not None
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
@@ -69,8 +69,7 @@ class MonarchMatmulFunction(torch.autograd.Function):
         x, w1, w2 = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         needs = tuple(ctx.needs_input_grad[:3])
-        _, impl = _backend.pick("monarch.backward", x.device)
-        dx, dw1, dw2 = impl(dy2, x.reshape(-1, x.shape[-1]), w1, w2, needs)
+        dx, dw1, dw2 = _library.monarch_backward(dy2, x.reshape(-1, x.shape[-1]), w1, w2, needs)
         dbias = dy2.sum(0) if ctx.needs_input_grad[3] else None
         if dx is not None:
             dx = dx.reshape(x.shape)

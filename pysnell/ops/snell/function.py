@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ... import _backend
+from ... import _backend, _library
 from ..topk.function import select_threshold
 from . import reference as ref
 from .reference import KernelParams, SnellSpec
@@ -87,8 +87,8 @@ class KernelMergeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, coeffs, alpha, beta, gamma, spec: SnellSpec):
         params = KernelParams(coeffs, alpha, beta, gamma)
-        _, impl = _backend.pick("snell.merge", A.device)
-        delta = impl(A, B, params, spec)
+        # Backend calls go through the custom ops: they pick the backend at run time (opaque to torch.compile).
+        delta = _library.snell_merge(A, B, params, spec)
         ctx.save_for_backward(A, B, coeffs, alpha, beta, gamma)
         ctx.spec = spec
         return delta
@@ -97,9 +97,8 @@ class KernelMergeFunction(torch.autograd.Function):
     def backward(ctx, G):
         A, B, coeffs, alpha, beta, gamma = ctx.saved_tensors
         params = KernelParams(coeffs, alpha, beta, gamma)
-        _, impl = _backend.pick("snell.merge_backward", A.device)
         need = tuple(ctx.needs_input_grad[2:6])
-        dA, dB, *rest = impl(G.to(A.dtype), A, B, params, ctx.spec, need)
+        dA, dB, *rest = _library.snell_merge_backward(G.to(A.dtype), A, B, params, ctx.spec, need)
         return _param_grads(ctx, (dA, dB, *rest), 0) + (None,)
 
 
@@ -132,8 +131,7 @@ class SNELLLinearFunction(torch.autograd.Function):
         n = A.shape[1]
         x2 = x.reshape(-1, n)
         params = KernelParams(coeffs, alpha, beta, gamma)
-        _, impl = _backend.pick("snell.layer_forward", x.device)
-        y2, t = impl(x2, weight, bias, A, B, params, spec, sparsity)
+        y2, t = _library.snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity)
         ctx.save_for_backward(x, weight, A, B, coeffs, alpha, beta, gamma, t)
         ctx.spec, ctx.sparsity = spec, sparsity
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
@@ -145,9 +143,10 @@ class SNELLLinearFunction(torch.autograd.Function):
         n = A.shape[1]
         params = KernelParams(coeffs, alpha, beta, gamma)
         needs = tuple(ctx.needs_input_grad[:9])
-        _, impl = _backend.pick("snell.layer_backward", x.device)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        grads = impl(dy2, x.reshape(-1, n), weight, A, B, params, ctx.spec, ctx.sparsity, t, needs)
+        grads = _library.snell_layer_backward(
+            dy2, x.reshape(-1, n), weight, A, B, params, ctx.spec, ctx.sparsity, t, needs
+        )
         dx = grads[0]
         if dx is not None:
             dx = dx.reshape(x.shape).to(x.dtype)

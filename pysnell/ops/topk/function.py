@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import _backend
+from ... import _backend, _library
 from ..._checks import check_float_tensor, check_sparsity
 from . import reference as ref
 
@@ -46,8 +46,8 @@ def select_threshold(x2d: torch.Tensor, sparsity) -> torch.Tensor:
 
     `sparsity` may be a float or a 0-dim tensor (e.g. a layer's buffer); it is not validated here.
     """
-    _, impl = _backend.pick("topk.threshold", x2d.device)
-    return impl(x2d, sparsity)
+    # Through the custom op: it picks the backend at run time (opaque to torch.compile).
+    return _library.topk_threshold(x2d, sparsity)
 
 
 def topk_mask_(x: torch.Tensor, *, sparsity=None, k=None):
@@ -60,8 +60,7 @@ def topk_mask_(x: torch.Tensor, *, sparsity=None, k=None):
     sparsity, k = _check_mode(x, sparsity, k)
     if x.numel() == 0:
         return x, torch.zeros((), dtype=torch.float32, device=x.device)
-    _, impl = _backend.pick("topk.mask_", x.device)
-    x, t, _ = impl(x, sparsity, k, False)
+    x, t, _ = _library.topk_mask_(x, sparsity, k, False)
     return x, t
 
 
@@ -74,8 +73,7 @@ class TopkMaskFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sparsity, k):
         out = x.detach().clone()
-        _, impl = _backend.pick("topk.mask_", x.device)
-        out, t, packed = impl(out, sparsity, k, True)
+        out, t, packed = _library.topk_mask_(out, sparsity, k, True)
         ctx.save_for_backward(packed)
         ctx.numel = x.numel()
         ctx.mark_non_differentiable(t)
