@@ -1,0 +1,428 @@
+"""Whole-model training steps (forward + backward + AdamW) with four fine-tuning methods.
+
+- full_ft: every parameter trainable (the baseline of each group);
+- peft_lora8: peft LoRA, r=8 on the blocks' qkv / proj / fc1 / fc2 (head trained);
+- snell_ref: SNELL reference semantics, our own implementation of what the public code does
+  (cdist merge, torch.quantile threshold, ΔW·|ΔW|·mask, separate branch GEMM, branch
+  checkpointed), r=8, sparsity 0.9, on the same layers, fused qkv not split;
+- pysnell_snell8: pysnell.inject with SNELLConfig(VIT_TARGETS, r=8, sparsity=0.9) (qkv gets
+  three thresholds, like the public code's separate q, k, v).
+
+Full mode (GPU): timm vit_base_patch16_224 (random init, 100 classes) at batch 64 under bf16
+autocast and batch 32 in fp32, plus a two-layer LLaMA-7B-shaped decoder (transformers, random
+weights) at 2×2048 tokens under bf16 autocast. Quick mode (CPU): pysnell.models.TinyViT and a
+tiny LLaMA config. Before timing, pysnell's SNELL and the reference semantics are run on the
+same weights (adapters scaled up so the update matters) and must give the same loss and
+adapter gradients; a pysnell row whose check fails is reported as an error, not timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .harness import error_row, measure, peak_mib
+
+METHODS = ("full_ft", "peft_lora8", "snell_ref", "pysnell_snell8")
+BASELINE = "full_ft"
+RANK = 8
+SPARSITY = 0.9
+# Adapter entries ~N(0, CHECK_STD²) for the equivalence check: large enough that S changes the loss.
+CHECK_STD = 3.0
+
+
+class RefSNELLLinear(nn.Module):
+    """SNELL as the public code computes it: a checkpointed branch x·Sᵀ beside the frozen layer.
+
+    S = ΔW·sg(|ΔW|)·[|ΔW| > t], ΔW = Σ_p c_p·cdist(B_p, A_p), t = torch.quantile(|ΔW|, s) per
+    group of output rows (groups=1: one threshold for the whole matrix, e.g. timm's fused qkv).
+    threshold="sort" gives the same quantile by sorting, for checks above torch.quantile's
+    2^24-element limit.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = RANK,
+        sparsity: float = SPARSITY,
+        pieces: int = 2,
+        scale: float = 0.1,
+        groups: int = 1,
+        threshold: str = "quantile",
+    ):
+        super().__init__()
+        m, n = base.out_features, base.in_features
+        d = r // pieces
+        self.base = base.requires_grad_(False)
+        self.r, self.pieces, self.scale, self.sparsity = r, pieces, scale, sparsity
+        self.groups, self.threshold = groups, threshold
+        dev = base.weight.device
+        self.snell_A = nn.Parameter(torch.empty(r, n, device=dev).uniform_(-1, 1) / math.sqrt(n * d))
+        self.snell_B = nn.Parameter(torch.empty(m, r, device=dev).uniform_(-1, 1) / math.sqrt(m // groups * d))
+
+    def _threshold(self, mag: torch.Tensor) -> torch.Tensor:
+        if self.threshold == "quantile":
+            return torch.quantile(mag, self.sparsity, dim=1, keepdim=True)
+        v = mag.sort(dim=1).values
+        pos = self.sparsity * (v.shape[1] - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return torch.lerp(v[:, lo : lo + 1], v[:, hi : hi + 1], pos - lo)
+
+    def sparse_delta(self) -> torch.Tensor:
+        d = self.r // self.pieces
+        delta = None
+        for p in range(self.pieces):
+            dist = torch.cdist(self.snell_B[:, p * d : (p + 1) * d], self.snell_A[p * d : (p + 1) * d].t())
+            term = (self.scale * (-1) ** p) * dist
+            delta = term if delta is None else delta + term
+        g = delta.reshape(self.groups, -1)
+        mag = g.abs()
+        t = self._threshold(mag.detach())
+        return (g * mag.detach() * (mag > t)).reshape(delta.shape)
+
+    def _branch(self, x):
+        return F.linear(x, self.sparse_delta())
+
+    def forward(self, x):
+        if self.training:
+            return self.base(x) + checkpoint(self._branch, x, use_reentrant=False)
+        return self.base(x) + self._branch(x)
+
+
+@dataclass
+class ModelSpec:
+    op: str
+    build: Callable[[], nn.Module]
+    make_batch: Callable[[int, str], tuple]
+    loss: Callable[[nn.Module, tuple], torch.Tensor]
+    targets: str  # full-match regex on module names: the adapted linears
+    modules_to_save: list[str] | None
+    settings: list[tuple[str, int, torch.dtype]]  # (case, batch, dtype; bf16 = autocast over fp32 weights)
+    reps: int
+    warmup: int
+
+
+def _vit_loss(model, batch):
+    images, labels = batch
+    return F.cross_entropy(model(images), labels)
+
+
+def _vit_batch(num_classes, img_size):
+    def make(bs, device):
+        return (
+            torch.randn(bs, 3, img_size, img_size, device=device),
+            torch.randint(0, num_classes, (bs,), device=device),
+        )
+
+    return make
+
+
+def _llama_loss(model, batch):
+    (ids,) = batch
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _llama_batch(vocab, seq):
+    def make(bs, device):
+        return (torch.randint(0, vocab, (bs, seq), device=device),)
+
+    return make
+
+
+VIT_BLOCK_LINEARS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+LLAMA_LINEARS = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def _llama_spec(full: bool) -> ModelSpec:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if full:  # LLaMA-7B layer shapes, two layers
+        cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)
+        seq, settings, op = 2048, [("bs2x2048-bf16-autocast", 2, torch.bfloat16)], "llama7b_2layer_train_step"
+    else:
+        cfg = dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, vocab_size=128)
+        seq, settings, op = 16, [("bs2x16-bf16-autocast", 2, torch.bfloat16)], "tiny_llama_train_step"
+    config = LlamaConfig(
+        num_hidden_layers=2, num_key_value_heads=cfg["num_attention_heads"], max_position_embeddings=seq, **cfg
+    )
+    config._attn_implementation = "sdpa"
+    return ModelSpec(
+        op=op,
+        build=lambda: LlamaForCausalLM(config).float(),
+        make_batch=_llama_batch(cfg["vocab_size"], seq),
+        loss=_llama_loss,
+        targets=LLAMA_LINEARS,
+        modules_to_save=None,
+        settings=settings,
+        reps=10 if full else 2,
+        warmup=3 if full else 0,
+    )
+
+
+def _vit_spec(full: bool) -> ModelSpec:
+    if full:
+        import timm
+
+        return ModelSpec(
+            op="vit_b16_train_step",
+            build=lambda: timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100),
+            make_batch=_vit_batch(100, 224),
+            loss=_vit_loss,
+            targets=VIT_BLOCK_LINEARS,
+            modules_to_save=["head"],
+            settings=[("bs64-bf16-autocast", 64, torch.bfloat16), ("bs32-fp32", 32, torch.float32)],
+            reps=10,
+            warmup=3,
+        )
+    from pysnell.models import TinyViT
+
+    return ModelSpec(
+        op="tinyvit_train_step",
+        build=lambda: TinyViT(img_size=16, patch=4, in_chans=3, dim=64, depth=2, heads=4, num_classes=10),
+        make_batch=_vit_batch(10, 16),
+        loss=_vit_loss,
+        targets=VIT_BLOCK_LINEARS,
+        modules_to_save=["head"],
+        settings=[("bs8-bf16-autocast", 8, torch.bfloat16), ("bs4-fp32", 4, torch.float32)],
+        reps=2,
+        warmup=0,
+    )
+
+
+def _set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _target_names(model, spec):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(spec.targets, n)]
+
+
+def _train_saved(model, spec):
+    for name, mod in model.named_modules():
+        if spec.modules_to_save and name.rpartition(".")[2] in spec.modules_to_save:
+            mod.requires_grad_(True)
+
+
+def inject_ref_snell(model, spec, groups_of=None, threshold="quantile"):
+    """Wrap the spec's target linears in RefSNELLLinear; freeze the rest (head stays trainable)."""
+    names = _target_names(model, spec)
+    model.requires_grad_(False)
+    for name in names:
+        groups = (groups_of or {}).get(name, 1)
+        _set_submodule(model, name, RefSNELLLinear(model.get_submodule(name), groups=groups, threshold=threshold))
+    _train_saved(model, spec)
+    return model
+
+
+def inject_pysnell(model, spec):
+    import pysnell
+
+    names = _target_names(model, spec)
+    cfg = pysnell.SNELLConfig(target_modules=names, modules_to_save=spec.modules_to_save, r=RANK, sparsity=SPARSITY)
+    return pysnell.inject(model, cfg)
+
+
+def inject_lora(model, spec):
+    import peft
+
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=spec.targets, modules_to_save=spec.modules_to_save)
+    return peft.get_peft_model(model, cfg)
+
+
+def build_method(method, base, spec):
+    model = copy.deepcopy(base)
+    if method == "full_ft":
+        return model.requires_grad_(True)
+    if method == "peft_lora8":
+        return inject_lora(model, spec)
+    if method == "snell_ref":
+        return inject_ref_snell(model, spec)
+    if method == "pysnell_snell8":
+        return inject_pysnell(model, spec)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _loss_under(spec, model, batch, device, dtype):
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        return spec.loss(model, batch)
+
+
+def _rel_rmse(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_snell_equivalence(spec, base, batch, device, dtype) -> str:
+    """pysnell SNELL vs reference semantics on the same (scaled-up) weights; raises on mismatch."""
+    import pysnell
+
+    pys = inject_pysnell(copy.deepcopy(base), spec)
+    layers = {n: m for n, m in pys.named_modules() if isinstance(m, pysnell.SNELLLinear)}
+    # The public code's threshold fails above 2^24 entries; the check uses the same quantile by sorting.
+    threshold = "sort" if max(m.out_features * m.in_features for m in layers.values()) > 2**24 else "quantile"
+    ref = inject_ref_snell(
+        copy.deepcopy(base), spec, groups_of={n: m.out_groups for n, m in layers.items()}, threshold=threshold
+    )
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            twin = ref.get_submodule(name)
+            for p, q in ((layer.snell_A, twin.snell_A), (layer.snell_B, twin.snell_B)):
+                p.copy_(torch.randn(p.shape, generator=gen) * CHECK_STD)
+                q.copy_(p)
+    pys.train()
+    ref.train()
+    with torch.no_grad():
+        loss_base = _loss_under(spec, base, batch, device, dtype).float().item()
+    loss_p = _loss_under(spec, pys, batch, device, dtype).float()
+    loss_r = _loss_under(spec, ref, batch, device, dtype).float()
+    loss_p.backward()
+    loss_r.backward()
+    lp, lr = loss_p.item(), loss_r.item()
+    fp32 = dtype == torch.float32
+    tol = 1e-4 if fp32 else 3e-2
+    msg = f"loss pysnell {lp:.6g} vs ref {lr:.6g} (base {loss_base:.6g})"
+    if not (math.isfinite(lp) and abs(lp - lr) <= tol * max(1.0, abs(lr))):
+        raise AssertionError(f"SNELL check failed: {msg}, tolerance {tol}")
+    if fp32:
+        # The update must move the loss far more than the two implementations differ (else the check is vacuous).
+        if not abs(lr - loss_base) > max(100 * abs(lp - lr), 1e-5 * abs(lr)):
+            raise AssertionError(f"SNELL check is vacuous: the update barely changes the loss ({msg})")
+        worst = max(
+            _rel_rmse(getattr(layer, attr).grad, getattr(ref.get_submodule(name), attr).grad)
+            for name, layer in layers.items()
+            for attr in ("snell_A", "snell_B")
+        )
+        if not worst <= 1e-3:
+            raise AssertionError(f"SNELL check failed: adapter gradients differ by rel. RMSE {worst:.3g} ({msg})")
+        msg += f", grads rel-RMSE <= {worst:.1e}"
+    return "ok: " + msg
+
+
+def _check_lora(spec, model, base, batch, device, dtype) -> str:
+    """peft initialises B = 0: the adapted model must reproduce the base model's loss."""
+    with torch.no_grad():
+        a = _loss_under(spec, model, batch, device, dtype).float().item()
+        b = _loss_under(spec, base, batch, device, dtype).float().item()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    if not abs(a - b) <= tol * max(1.0, abs(b)):
+        raise AssertionError(f"peft LoRA check failed: loss {a:.6g} vs base {b:.6g} at init (B = 0)")
+    return f"ok: loss at init = base loss ({a:.6g})"
+
+
+def make_step(spec, model, opt, batch, device, dtype):
+    """One training step: zero grads, forward (autocast unless fp32), backward, AdamW update."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = _loss_under(spec, model, batch, device, dtype)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def _release(device):
+    # peft and transformers models hold reference cycles: collect them so GPU memory is freed
+    # before the next method (skipped on CPU, where a collection costs ~0.5 s and frees nothing needed).
+    if torch.device(device).type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def bench_spec(spec: ModelSpec, device: str, methods=METHODS) -> list[dict]:
+    import pysnell
+
+    rows = []
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = spec.build()
+    base.train()
+    fp32_check = None
+    for case, bs, dtype in spec.settings:
+        batch = spec.make_batch(bs, device)
+        ident = dict(op=spec.op, case=case, baseline=BASELINE, dtype=dtype, device=device, pass_="train_step")
+        try:
+            # The strict check (loss and adapter gradients) runs in fp32 once per model; an autocast
+            # setting adds a loss check in its own dtype.
+            if fp32_check is None or dtype == torch.float32:
+                fp32_check = check_snell_equivalence(spec, base, batch, device, torch.float32)
+            snell_check = fp32_check
+            if dtype != torch.float32:
+                snell_check = check_snell_equivalence(spec, base, batch, device, dtype) + f"; fp32 {fp32_check}"
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            snell_check = exc
+        _release(device)
+        for method in methods:
+            model = opt = None
+            try:
+                if method == "pysnell_snell8" and isinstance(snell_check, BaseException):
+                    raise snell_check
+                model = build_method(method, base, spec).train()
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = torch.optim.AdamW(params, lr=1e-5)
+                check = "ok: loss finite"
+                if method == "peft_lora8":
+                    check = _check_lora(spec, model, base, batch, device, dtype)
+                elif method.startswith("pysnell") or method == "snell_ref":
+                    check = snell_check if isinstance(snell_check, str) else "see pysnell row"
+                step = make_step(spec, model, opt, batch, device, dtype)
+                first = step().item()  # also surfaces errors (e.g. torch.quantile above 2^24) before timing
+                if not math.isfinite(first):
+                    raise FloatingPointError(f"{method}: first training-step loss is {first}")
+                row = measure(
+                    step,
+                    provider=method,
+                    warmup=spec.warmup,
+                    reps=spec.reps,
+                    trainable_params=sum(p.numel() for p in params),
+                    total_params=sum(p.numel() for p in model.parameters()),
+                    batch=bs,
+                    loss=first,
+                    check=check,
+                    **ident,
+                )
+                row["peak_total_mib"] = peak_mib(step, device=device, absolute=True)
+                if method.startswith("pysnell"):
+                    row["backend"] = pysnell.last_backend("snell.layer_forward")
+                rows.append(row)
+            except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
+                rows.append(error_row(exc, provider=method, **ident))
+            finally:
+                del model, opt
+                _release(device)
+    return rows
+
+
+def specs(full: bool, notes: list[str]) -> list[ModelSpec]:
+    out = []
+    for name, make in (("ViT", _vit_spec), ("LLaMA", _llama_spec)):
+        try:
+            out.append(make(full))
+        except Exception as exc:  # noqa: BLE001 - e.g. timm or transformers not importable here
+            notes.append(f"model: {name} skipped ({type(exc).__name__}: {exc})")
+    return out
+
+
+def run(full: bool, device: str, notes: list[str] | None = None) -> list[dict]:
+    """Rows for every model spec that can be built here (missing timm/transformers: a note)."""
+    notes = [] if notes is None else notes
+    if full and torch.device(device).type == "cuda":
+        # fp32 rows mean fp32: no TF32 in matmuls or convolutions.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for spec in specs(full, notes):
+        rows.extend(bench_spec(spec, device))
+    return rows
