@@ -1,0 +1,273 @@
+"""The benchmark runner in --quick mode on CPU: the rows it writes, its files, --compare, failures.
+
+Performance is not asserted here (CPU numbers only prove that the harness works).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a package at the repo root, not installed
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import bench_model, harness, report, runner  # noqa: E402
+
+META_KEYS = ("device_name", "torch", "triton", "cuda", "git_rev")
+STR_KEYS = ("op", "case", "provider", "baseline", "dtype", "pass", "device", "module")
+TIME_KEYS = ("median_ms", "p20_ms", "p80_ms")
+# A made-up older run: one model row, 10^6 ms, so its speed-up must come out far above 1.
+OLD_KEY = {"op": "tinyvit_train_step", "case": "bs4-fp32", "provider": "full_ft", "dtype": "float32"}
+
+
+def _run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"runner failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run of every module on CPU, with --compare against a made-up older run."""
+    tmp = tmp_path_factory.mktemp("bench")
+    old = tmp / "old.json"
+    old.write_text(json.dumps({"rows": [{**OLD_KEY, "pass": "train_step", "median_ms": 1e6}]}))
+    out = tmp / "run"
+    t0 = time.perf_counter()
+    proc = _run_cli("--quick", "--out", str(out), "--compare", str(old))
+    data = json.loads((out / "results.json").read_text())
+    return types.SimpleNamespace(
+        out=out, data=data, rows=data["rows"], stdout=proc.stdout, seconds=time.perf_counter() - t0
+    )
+
+
+def test_quick_run_writes_every_file(quick_run):
+    for name in ("results.json", "results.csv", "results.md", "summary.md", "plot_model.png"):
+        path = quick_run.out / name
+        assert path.is_file() and path.stat().st_size > 0, f"{name} missing or empty"
+    modules = {r["module"] for r in quick_run.rows}
+    for module in modules:
+        png = quick_run.out / f"plot_{module}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png.name} is not a PNG"
+    # The summary is printed last.
+    assert quick_run.stdout.rstrip().splitlines()[-1].startswith("| ")
+
+
+def test_meta_records_the_environment(quick_run):
+    meta = quick_run.data["meta"]
+    assert meta["mode"] == "quick" and meta["device"] == "cpu"
+    assert meta["torch"] == torch.__version__
+    for key in META_KEYS + ("run_id", "python"):
+        assert isinstance(meta[key], str) and meta[key], key
+
+
+def test_rows_follow_the_schema(quick_run):
+    rows = quick_run.rows
+    assert rows
+    for row in rows:
+        for key in harness.REQUIRED_KEYS:
+            assert key in row, f"{key} missing in {row}"
+        for key in STR_KEYS:
+            assert isinstance(row[key], str) and row[key], f"{key} in {row}"
+        for key in META_KEYS:
+            assert row[key] == quick_run.data["meta"][key]
+        assert row["device"] == "cpu"
+        if row.get("error"):
+            assert all(row[k] is None for k in TIME_KEYS), row
+            continue
+        times = [row[k] for k in TIME_KEYS]
+        assert all(isinstance(t, float) and math.isfinite(t) and t > 0 for t in times), row
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
+        # Memory is not measured on CPU (null in JSON), finite wherever it is.
+        assert row["peak_mib"] is None or math.isfinite(row["peak_mib"]), row
+
+
+def test_every_module_on_disk_ran_and_every_baseline_is_present(quick_run):
+    rows, notes = quick_run.rows, quick_run.data["notes"]
+    on_disk = {p.stem[len("ops_") :] for p in (REPO / "benchmarks").glob("ops_*.py")} | {"model"}
+    present = {r["module"] for r in rows}
+    assert on_disk <= present, f"modules without rows: {on_disk - present}; notes: {notes}"
+    groups = {}
+    for row in rows:
+        groups.setdefault(report.group_key(row), []).append(row)
+    for key, members in groups.items():
+        names = {r["baseline"] for r in members}
+        assert len(names) == 1, f"group {key} names several baselines: {names}"
+        base_name = names.pop()
+        base = [r for r in members if r["provider"] == base_name]
+        assert len(base) == 1, f"group {key}: baseline row missing or duplicated"
+        assert not base[0].get("error"), f"group {key}: baseline failed: {base[0].get('error')}"
+        assert base[0]["ratio_time"] == 1.0
+        providers = [r["provider"] for r in members]
+        assert len(providers) == len(set(providers)), f"group {key}: duplicate providers {providers}"
+        for r in members:
+            if not r.get("error"):
+                assert r["ratio_time"] == pytest.approx(r["median_ms"] / base[0]["median_ms"])
+    assert not any(n.startswith("ratio:") for n in notes), notes
+
+
+def test_model_rows_cover_every_method_with_matching_adapters(quick_run):
+    model = [r for r in quick_run.rows if r["module"] == "model"]
+    ops = {r["op"] for r in model}
+    assert "tinyvit_train_step" in ops
+    for (op, case), members in _by(model, "op", "case").items():
+        by_method = {r["provider"]: r for r in members}
+        assert set(by_method) == set(bench_model.METHODS), (op, case)
+        for method, r in by_method.items():
+            assert not r.get("error"), f"{op} {case} {method}: {r['error']}"
+            assert r["check"].startswith("ok"), r["check"]
+            assert math.isfinite(r["loss"])
+        full = by_method["full_ft"]
+        assert full["trainable_params"] == full["total_params"]
+        # LoRA-8, the SNELL reference and pysnell SNELL-8 train the same number of parameters: r·(m+n) + head.
+        counts = {by_method[m]["trainable_params"] for m in ("peft_lora8", "snell_ref", "pysnell_snell8")}
+        assert len(counts) == 1 and counts.pop() < full["trainable_params"]
+    cases = {r["case"] for r in model if r["op"] == "tinyvit_train_step"}
+    assert cases == {"bs8-bf16-autocast", "bs4-fp32"}
+    # Every SNELL row went through the fp32 check of the loss and the adapter gradients.
+    snell = [r for r in model if r["provider"] in ("snell_ref", "pysnell_snell8")]
+    assert snell and all("grads rel-RMSE" in r["check"] for r in snell)
+
+
+def _by(rows, *keys):
+    out = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def test_csv_and_markdown_match_the_json(quick_run):
+    with open(quick_run.out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(quick_run.rows)
+    for key in harness.REQUIRED_KEYS + META_KEYS + ("ratio_time",):
+        assert key in table[0], key
+    for got, want in zip(table, quick_run.rows):
+        assert (got["op"], got["case"], got["provider"]) == (want["op"], want["case"], want["provider"])
+        if want["median_ms"] is not None:
+            assert float(got["median_ms"]) == pytest.approx(want["median_ms"])
+    md = (quick_run.out / "results.md").read_text()
+    summary = (quick_run.out / "summary.md").read_text()
+    assert summary in md
+    for op, case, dtype, pass_ in {report.group_key(r) for r in quick_run.rows}:
+        assert f"| {op} | {case} | {dtype} | {pass_} |" in summary
+    for r in quick_run.rows:
+        assert f"| {r['provider']}" in md
+
+
+def test_compare_adds_speedups_against_the_older_run(quick_run):
+    assert quick_run.data["meta"]["compare"]["matched_rows"] == 1
+    for row in quick_run.rows:
+        hit = all(row[k] == v for k, v in OLD_KEY.items()) and row["pass"] == "train_step"
+        if hit:
+            assert row["old_median_ms"] == 1e6
+            assert row["speedup_vs_old"] == pytest.approx(1e6 / row["median_ms"])
+        else:
+            assert row["old_median_ms"] is None and row["speedup_vs_old"] is None
+    assert "vs old" in (quick_run.out / "results.md").read_text()
+
+
+def test_rerender_a_saved_run_against_itself(quick_run, tmp_path):
+    src = quick_run.out / "results.json"
+    out = tmp_path / "again"
+    _run_cli("--from-json", str(src), "--compare", str(src), "--out", str(out), "--no-plots")
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == len(quick_run.rows)
+    timed = [r for r in rows if r["median_ms"] is not None]
+    assert timed and all(r["speedup_vs_old"] == 1.0 for r in timed)
+
+
+# ---- the runner's handling of broken modules, and the harness, in process ----------------------
+
+
+def test_missing_and_broken_modules_become_notes(monkeypatch):
+    notes = []
+    assert runner._import("nope", "benchmarks.ops_does_not_exist", notes) is None
+    assert "does not exist yet" in notes[-1]
+
+    def boom(full, device):
+        raise RuntimeError("kernel exploded")
+
+    rows = runner.run_module("boom", types.SimpleNamespace(run=boom), False, "cpu", notes, None)
+    assert rows == [] and "kernel exploded" in notes[-1]
+
+    def bad_rows(full, device):
+        good = harness.error_row("x", op="o", case="c", provider="p", baseline="p", dtype="float32", device="cpu")
+        return [good, {"op": "o"}]
+
+    rows = runner.run_module("bad", types.SimpleNamespace(run=bad_rows), False, "cpu", notes, None)
+    assert len(rows) == 1 and rows[0]["module"] == "bad" and "dropped a row" in notes[-1]
+
+    def slow(full, device):
+        time.sleep(5)
+
+    t0 = time.perf_counter()
+    assert runner.run_module("slow", types.SimpleNamespace(run=slow), False, "cpu", notes, 0.2) == []
+    assert time.perf_counter() - t0 < 3 and "module-timeout" in notes[-1]
+
+
+def test_cli_rejects_unknown_modules_and_bad_compare(tmp_path, capsys):
+    assert runner.main(["--quick", "--ops", "bogus", "--out", str(tmp_path)]) == 2
+    assert "bogus" in capsys.readouterr().err
+    missing = tmp_path / "nothing.json"
+    assert runner.main(["--quick", "--ops", "model", "--compare", str(missing), "--out", str(tmp_path)]) == 2
+    assert "nothing.json" in capsys.readouterr().err
+
+
+def test_ratios_flag_a_missing_baseline():
+    ident = dict(op="o", case="c", dtype="float32", device="cpu", pass_="fwd")
+    rows = [
+        {**harness.base_row(provider="a", baseline="a", **ident), "median_ms": 2.0, "peak_mib": 4.0},
+        {**harness.base_row(provider="b", baseline="a", **ident), "median_ms": 1.0, "peak_mib": 8.0},
+        {**harness.base_row(provider="z", baseline="missing", **{**ident, "case": "d"}), "median_ms": 1.0},
+    ]
+    rows[2]["peak_mib"] = float("nan")  # not measured: its memory ratio must stay NaN, not fail
+    problems = report.add_ratios(rows)
+    assert rows[0]["ratio_time"] == 1.0 and rows[1]["ratio_time"] == 0.5 and rows[1]["ratio_mem"] == 2.0
+    assert math.isnan(rows[2]["ratio_time"]) and problems == ["o/d/float32/fwd: baseline 'missing' has no row"]
+
+
+def test_measure_times_and_clears_grads(seed):
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64)
+    seen = []
+
+    def fwd_bwd():
+        seen.append(w.grad is None)
+        (x @ w).square().sum().backward()
+
+    row = harness.measure(
+        fwd_bwd, op="mm", case="32x64", provider="torch", baseline="torch", dtype=torch.float32, device="cpu",
+        pass_="fwd+bwd", warmup=2, reps=7, grad_to_none=[w], size=2048,
+    )  # fmt: skip
+    assert all(seen) and len(seen) == 2 + 7
+    assert set(harness.REQUIRED_KEYS) <= set(row) and row["size"] == 2048 and row["dtype"] == "float32"
+    assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    assert math.isnan(row["peak_mib"])  # not measured on CPU
+
+
+def test_reference_snell_threshold_by_sort_equals_torch_quantile(seed):
+    layer = bench_model.RefSNELLLinear(torch.nn.Linear(37, 30), groups=3)
+    with torch.no_grad():
+        layer.snell_A.normal_()
+        layer.snell_B.normal_()
+    by_quantile = layer.sparse_delta()
+    layer.threshold = "sort"
+    by_sort = layer.sparse_delta()
+    torch.testing.assert_close(by_sort, by_quantile, rtol=0, atol=0)
+    kept = (by_sort != 0).reshape(3, -1).float().mean(1)
+    assert torch.all((kept - 0.1).abs() < 0.02), kept  # 10% kept per group of 10 rows
