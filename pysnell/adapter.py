@@ -16,6 +16,7 @@ from ._checks import check_choice, check_sparsity
 from .nn.snell_linear import SNELLLinear
 from .ops.snell import reference as ref
 
+# The earlier pysnell-only layout, still read by load_adapter; save_adapter writes peft's layout.
 CONFIG_NAME = "pysnell_config.json"
 WEIGHTS_NAME = "pysnell_adapter.safetensors"
 
@@ -171,28 +172,31 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str) -> None:
-    """Write the adapter (trainable tensors as safetensors, config as JSON) to `directory`."""
-    from safetensors.torch import save_file
+    """Write the adapter to `directory` in peft's layout: adapter_config.json (peft_type "SNELL" and the
+    config) and adapter_model.safetensors (the trainable tensors and sparsities). peft loads it with
+    PeftModel.from_pretrained once pysnell.peft_integration.register() has run."""
+    from .peft_integration import write_peft_files
 
     config = getattr(model, "pysnell_config", None)
     if config is None:
         raise ValueError("model has no SNELL adapters (inject it first)")
-    os.makedirs(directory, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(state, os.path.join(directory, WEIGHTS_NAME))
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+    write_peft_files(directory, adapter_state_dict(model), config, model.__dict__.get("name_or_path") or None)
 
 
 def load_adapter(model: nn.Module, directory: str) -> nn.Module:
-    """Load an adapter written by save_adapter; injects it first if the model has none."""
+    """Load an adapter written by save_adapter or peft's save_pretrained; injects it first if the model has none."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        config = SNELLConfig.from_dict(json.load(f))
+    from .peft_integration import read_peft_files
+
+    if os.path.exists(os.path.join(directory, CONFIG_NAME)):  # the earlier pysnell-only layout
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            config = SNELLConfig.from_dict(json.load(f))
+        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+    else:
+        config, state = read_peft_files(directory)
     if getattr(model, "pysnell_config", None) is None:
         inject(model, config)
-    state = load_file(os.path.join(directory, WEIGHTS_NAME))
     own = dict(model.named_parameters())
     own.update({k: v for k, v in model.named_buffers()})
     missing = [k for k in adapter_state_dict(model) if k not in state]
