@@ -290,7 +290,7 @@ def check_snell_equivalence(spec, base, batch, device, dtype) -> str:
     loss_r.backward()
     lp, lr = loss_p.item(), loss_r.item()
     fp32 = dtype == torch.float32
-    tol = 1e-4 if fp32 else 3e-2
+    tol = 1e-4 if fp32 else 5e-2
     msg = f"loss pysnell {lp:.6g} vs ref {lr:.6g} (base {loss_base:.6g})"
     if not (math.isfinite(lp) and abs(lp - lr) <= tol * max(1.0, abs(lr))):
         raise AssertionError(f"SNELL check failed: {msg}, tolerance {tol}")
@@ -341,67 +341,76 @@ def _release(device):
         torch.cuda.empty_cache()
 
 
-def bench_spec(spec: ModelSpec, device: str, methods=METHODS) -> list[dict]:
+def bench_method(spec, method, base, batch, snell_check: str, ident: dict) -> dict:
+    """Build one method's model, check it, time its training step; everything is freed on return."""
     import pysnell
 
+    device, dtype = ident["device"], ident["dtype"]
+    if method == "pysnell_snell8" and not snell_check.startswith("ok"):
+        raise AssertionError(snell_check)  # a result that disagrees with the reference is not timed
+    model = build_method(method, base, spec).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    check = "ok: loss finite"
+    if method == "peft_lora8":
+        check = _check_lora(spec, model, base, batch, device, dtype)
+    elif method in ("snell_ref", "pysnell_snell8"):
+        check = snell_check
+    step = make_step(spec, model, opt, batch, device, dtype)
+    first = step().item()  # also surfaces errors (e.g. torch.quantile above 2^24) before timing
+    if not math.isfinite(first):
+        raise FloatingPointError(f"{method}: first training-step loss is {first}")
+    row = measure(
+        step,
+        provider=method,
+        warmup=spec.warmup,
+        reps=spec.reps,
+        trainable_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in model.parameters()),
+        batch=len(batch[0]),
+        loss=first,
+        check=check,
+        **ident,
+    )
+    row["peak_total_mib"] = peak_mib(step, device=device, absolute=True)
+    if method == "pysnell_snell8":
+        row["backend"] = pysnell.last_backend("snell.layer_forward")
+    return row
+
+
+def snell_checks(spec, base, batch, device, dtype, fp32_done: str | None) -> str:
+    """The strict fp32 check (loss and adapter gradients; reused when it passed before for this
+    model unless this setting is fp32), plus a loss check in an autocast setting's dtype."""
+    try:
+        fp32 = fp32_done if fp32_done and dtype != torch.float32 else None
+        fp32 = fp32 or check_snell_equivalence(spec, base, batch, device, torch.float32)
+        if dtype == torch.float32:
+            return fp32
+        return check_snell_equivalence(spec, base, batch, device, dtype) + f"; fp32 {fp32}"
+    except Exception as exc:  # noqa: BLE001 - reported in the rows, as text (no frames kept alive)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def bench_spec(spec: ModelSpec, device: str, methods=METHODS) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     with torch.device(device):
         base = spec.build()
     base.train()
-    fp32_check = None
+    fp32_done = None
     for case, bs, dtype in spec.settings:
         batch = spec.make_batch(bs, device)
         ident = dict(op=spec.op, case=case, baseline=BASELINE, dtype=dtype, device=device, pass_="train_step")
-        try:
-            # The strict check (loss and adapter gradients) runs in fp32 once per model; an autocast
-            # setting adds a loss check in its own dtype.
-            if fp32_check is None or dtype == torch.float32:
-                fp32_check = check_snell_equivalence(spec, base, batch, device, torch.float32)
-            snell_check = fp32_check
-            if dtype != torch.float32:
-                snell_check = check_snell_equivalence(spec, base, batch, device, dtype) + f"; fp32 {fp32_check}"
-        except Exception as exc:  # noqa: BLE001 - reported in the row
-            snell_check = exc
+        snell_check = snell_checks(spec, base, batch, device, dtype, fp32_done)
+        if snell_check.startswith("ok"):
+            fp32_done = fp32_done or snell_check.split("; fp32 ")[-1]
         _release(device)
         for method in methods:
-            model = opt = None
             try:
-                if method == "pysnell_snell8" and isinstance(snell_check, BaseException):
-                    raise snell_check
-                model = build_method(method, base, spec).train()
-                params = [p for p in model.parameters() if p.requires_grad]
-                opt = torch.optim.AdamW(params, lr=1e-5)
-                check = "ok: loss finite"
-                if method == "peft_lora8":
-                    check = _check_lora(spec, model, base, batch, device, dtype)
-                elif method.startswith("pysnell") or method == "snell_ref":
-                    check = snell_check if isinstance(snell_check, str) else "see pysnell row"
-                step = make_step(spec, model, opt, batch, device, dtype)
-                first = step().item()  # also surfaces errors (e.g. torch.quantile above 2^24) before timing
-                if not math.isfinite(first):
-                    raise FloatingPointError(f"{method}: first training-step loss is {first}")
-                row = measure(
-                    step,
-                    provider=method,
-                    warmup=spec.warmup,
-                    reps=spec.reps,
-                    trainable_params=sum(p.numel() for p in params),
-                    total_params=sum(p.numel() for p in model.parameters()),
-                    batch=bs,
-                    loss=first,
-                    check=check,
-                    **ident,
-                )
-                row["peak_total_mib"] = peak_mib(step, device=device, absolute=True)
-                if method.startswith("pysnell"):
-                    row["backend"] = pysnell.last_backend("snell.layer_forward")
-                rows.append(row)
+                rows.append(bench_method(spec, method, base, batch, snell_check, ident))
             except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
                 rows.append(error_row(exc, provider=method, **ident))
-            finally:
-                del model, opt
-                _release(device)
+            _release(device)
     return rows
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import hashlib
 import importlib
 import importlib.metadata
 import inspect
@@ -68,8 +69,20 @@ def _version(dist: str) -> str:
         return "n/a"
 
 
+def source_digest() -> str:
+    """A hash of the package's sources: identifies the code of a tree copied without .git."""
+    root = PACKAGE_DIR.parent
+    digest = hashlib.sha1()
+    for folder in ("pysnell", "triton_kernels", "csrc", "benchmarks"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".cu", ".cuh", ".cpp", ".h") and "results" not in path.parts:
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def git_revision() -> str:
-    """PYSNELL_GIT_REV if set (a tree copied without .git), else `git describe`, else "unknown"."""
+    """PYSNELL_GIT_REV if set, else the git commit (+ "-dirty"), else "tree-<hash of the sources>"."""
     rev = os.environ.get("PYSNELL_GIT_REV", "").strip()
     if rev:
         return rev
@@ -78,7 +91,7 @@ def git_revision() -> str:
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10
         )
         if head.returncode != 0:
-            return "unknown"
+            return "tree-" + source_digest()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=PACKAGE_DIR,
@@ -88,7 +101,7 @@ def git_revision() -> str:
         )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "tree-" + source_digest()
 
 
 def run_meta(device: str, mode: str) -> dict:
@@ -216,6 +229,12 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, metavar="OLD.json", help="add speed-up columns against an older run")
     p.add_argument("--device", default=None, help="override the device (quick: cpu, full: cuda)")
     p.add_argument("--module-timeout", type=float, default=None, help="seconds per module before it is abandoned")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds for the whole run: each module may use twice its fair share of what is left",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (quick on CPU defaults to 1)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
@@ -304,12 +323,15 @@ def main(argv=None) -> int:
 
     notes: list[str] = []
     rows: list[dict] = []
-    for name in wanted:
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    for index, name in enumerate(wanted):
         module = _import(name, modules[name], notes)
         if module is None:
             print(f"[benchmarks] {notes[-1]}", flush=True)
             continue
-        new = run_module(name, module, full, device, notes, args.module_timeout)
+        limit = module_time_limit(args.module_timeout, deadline, len(wanted) - index)
+        new = run_module(name, module, full, device, notes, limit)
+        _release_device(device)
         for row in new:
             row.update({k: meta[k] for k in report.META_KEYS})
         rows.extend(new)
@@ -331,6 +353,25 @@ def main(argv=None) -> int:
     print()
     print(report.summary_markdown(meta, rows, old_rows is not None))
     return 0
+
+
+def module_time_limit(cap: float | None, deadline: float | None, modules_left: int) -> float | None:
+    """--module-timeout, tightened under --budget-s so that later modules keep some time."""
+    if deadline is None:
+        return cap
+    left = deadline - time.monotonic()
+    share = max(5.0, min(2 * left / modules_left, left - 10.0 * (modules_left - 1)))
+    return share if cap is None else min(cap, share)
+
+
+def _release_device(device: str) -> None:
+    import gc
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _backend_state() -> dict:

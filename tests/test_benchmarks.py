@@ -48,7 +48,7 @@ def quick_run(tmp_path_factory):
     old.write_text(json.dumps({"rows": [{**OLD_KEY, "pass": "train_step", "median_ms": 1e6}]}))
     out = tmp / "run"
     t0 = time.perf_counter()
-    proc = _run_cli("--quick", "--out", str(out), "--compare", str(old))
+    proc = _run_cli("--quick", "--out", str(out), "--compare", str(old), "--module-timeout", "150")
     data = json.loads((out / "results.json").read_text())
     return types.SimpleNamespace(
         out=out, data=data, rows=data["rows"], stdout=proc.stdout, seconds=time.perf_counter() - t0

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# One device call: install (no network), build the CUDA extension, GPU tests, full benchmarks.
+#
+#   bash benchmarks/gpu_run.sh            # from the repository root, on the GPU machine
+#
+# Environment (all optional):
+#   OUT                where the results go (json, csv, md, png, run.log; at most 8 files)
+#   GPU_RUN_BUDGET_S   seconds for the whole script (default 470); each step gets its own timeout
+#   PYSNELL_GIT_REV    the commit, for a tree copied without .git (else a hash of the sources)
+#   GPU_RUN_OPS        modules for the benchmark runner (default: all: topk,monarch,snell,model)
+#   GPU_RUN_MICRO=1    also run the pytest-benchmark micro-benchmarks (off by default: time)
+# Every step runs even when an earlier one failed; the status of each is printed, then the
+# summary table LAST. Full output of every step: $OUT/run.log.
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python}
+BUDGET=${GPU_RUN_BUDGET_S:-470}
+START=$(date +%s)
+OUT=${OUT:-benchmarks/results/_scratch/gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+: >"$LOG"
+STATUS=()
+
+elapsed() { echo $(($(date +%s) - START)); }
+# Seconds for a step: at most CAP, and leave RESERVE seconds for the steps after it.
+budget_for() {
+    local cap=$1 reserve=$2 left=$((BUDGET - $(elapsed) - $2))
+    ((left > cap)) && left=$cap
+    ((left < 10)) && left=10
+    echo "$left"
+}
+
+# run_step NAME SECONDS CMD... : run with a timeout, log everything, print one status line.
+run_step() {
+    local name=$1 secs=$2
+    shift 2
+    local t0 rc
+    t0=$(date +%s)
+    echo "[gpu_run] $name (limit ${secs}s) ..."
+    {
+        echo
+        echo "===== $name: $* (limit ${secs}s) ====="
+    } >>"$LOG"
+    timeout --kill-after=10 "$secs" "$@" >"$OUT/.step.log" 2>&1
+    rc=$?
+    cat "$OUT/.step.log" >>"$LOG"
+    local took=$(($(date +%s) - t0))
+    if ((rc == 0)); then
+        STATUS+=("ok      $name (${took}s)")
+    else
+        local why="exit $rc"
+        ((rc == 124 || rc == 137)) && why="timed out after ${secs}s"
+        STATUS+=("FAILED  $name (${took}s, $why)")
+        echo "[gpu_run] $name FAILED ($why); last lines:"
+        tail -n 25 "$OUT/.step.log" | sed 's/^/    /'
+    fi
+    rm -f "$OUT/.step.log"
+    return $rc
+}
+
+{
+    echo "gpu_run.sh started $(date -u +%FT%TZ), budget ${BUDGET}s"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+} | tee -a "$LOG"
+
+# 1. Install pysnell without the network. setup.py maps pysnell.triton_kernels to triton_kernels/
+#    (and pysnell.csrc to csrc/), so PYTHONPATH=. alone does not provide them; if the editable
+#    install fails, links inside this copy of the tree reproduce that mapping.
+install_pysnell() {
+    $PY -m pip install --no-deps --no-build-isolation --no-index -q -e . &&
+        $PY -c "import pysnell.triton_kernels, pysnell.csrc; print('pysnell', pysnell.__file__)" && return 0
+    echo "editable install unusable; linking pysnell/triton_kernels and pysnell/csrc instead"
+    ln -sfn ../triton_kernels pysnell/triton_kernels && ln -sfn ../csrc pysnell/csrc &&
+        PYTHONPATH=. $PY -c "import pysnell.triton_kernels, pysnell.csrc; print('pysnell', pysnell.__file__)"
+}
+export -f install_pysnell
+export PY
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+run_step "1/5 install (no network)" "$(budget_for 90 380)" bash -c install_pysnell
+
+# 2. Build the CUDA extension through pysnell's own loader (JIT, ninja), timing it.
+run_step "2/5 build CUDA extension" "$(budget_for 180 300)" $PY - <<'PYEOF'
+import importlib, time
+t0 = time.time()
+import pysnell
+from pysnell import _backend
+try:
+    importlib.import_module("pysnell._jit")
+except ModuleNotFoundError as exc:
+    if exc.name != "pysnell._jit":
+        raise
+    print("pysnell._jit does not exist: no CUDA loader to call")
+cuda_error = _backend.load_error("cuda")  # runs the registered loader: the JIT build
+print(f"cuda backend: {'ok' if cuda_error is None else cuda_error} ({time.time() - t0:.1f} s)")
+t1 = time.time()
+triton_error = _backend.load_error("triton")
+print(f"triton backend: {'ok' if triton_error is None else triton_error} ({time.time() - t1:.1f} s)")
+if cuda_error is not None and "not part of this build" not in cuda_error:
+    raise SystemExit(1)  # a loader exists but failed: report it as a failed step
+PYEOF
+
+# 3. GPU tests (collect every failure in this one call rather than stopping at the first).
+run_step "3/5 GPU tests" "$(budget_for 180 200)" \
+    $PY -m pytest -m gpu tests -q --maxfail=25 -p no:cacheprovider -rfE --durations=10
+
+# 3b. Optional micro-benchmarks.
+if [[ "${GPU_RUN_MICRO:-0}" == "1" ]]; then
+    run_step "3b micro-benchmarks" "$(budget_for 90 180)" \
+        $PY -m pytest benchmarks/micro --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds
+fi
+
+# 4. Full benchmarks into benchmarks/results/<card>/ (rewritten after every module).
+CARD_DIR=$($PY -c "import torch; from benchmarks.runner import RESULTS_DIR, slug; print(RESULTS_DIR / slug(torch.cuda.get_device_name()))" 2>>"$LOG")
+CARD_DIR=${CARD_DIR:-benchmarks/results/unknown-gpu}
+BENCH_S=$(budget_for 400 15)
+OPS_ARGS=()
+[[ -n "${GPU_RUN_OPS:-}" ]] && OPS_ARGS=(--ops "$GPU_RUN_OPS")
+run_step "4/5 benchmarks --full" "$BENCH_S" \
+    $PY -m benchmarks --full --out "$CARD_DIR" --budget-s $((BENCH_S - 10)) "${OPS_ARGS[@]}"
+
+# 5. Results to $OUT (at most 8 files: extra plots go into one tarball).
+{
+    echo
+    echo "===== 5/5 collect ====="
+    files=()
+    for f in results.json results.csv results.md; do [[ -f "$CARD_DIR/$f" ]] && files+=("$CARD_DIR/$f"); done
+    pngs=("$CARD_DIR"/plot_*.png)
+    [[ -e "${pngs[0]}" ]] || pngs=()
+    if ((${#files[@]} + ${#pngs[@]} + 1 <= 8)); then
+        files+=("${pngs[@]}")
+    elif ((${#pngs[@]})); then
+        tar -cf "$OUT/plots.tar" -C "$CARD_DIR" $(cd "$CARD_DIR" && ls plot_*.png) && echo "plots bundled in plots.tar"
+    fi
+    ((${#files[@]})) && cp "${files[@]}" "$OUT/"
+    ls -la "$OUT"
+} >>"$LOG" 2>&1
+if [[ -f "$CARD_DIR/results.json" ]]; then
+    STATUS+=("ok      5/5 results in $CARD_DIR and \$OUT")
+else
+    STATUS+=("FAILED  5/5 no results.json written")
+fi
+
+echo
+echo "===== gpu_run.sh: $(elapsed)s of ${BUDGET}s ====="
+printf '%s\n' "${STATUS[@]}"
+grep -h '^\[benchmarks\] note:' "$LOG" | cut -c1-300
+echo "full log: $LOG"
+echo
+if [[ -f "$CARD_DIR/summary.md" ]]; then
+    cat "$CARD_DIR/summary.md"
+else
+    echo "(no summary: the benchmark step wrote nothing; see $LOG)"
+fi
