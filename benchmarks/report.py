@@ -278,7 +278,11 @@ def plot_bars(rows, path, title) -> None:
     """Whole-model bars: step time, peak memory above the step's start, whole peak; per setting."""
     plt = _pyplot()
     ops = list(OrderedDict.fromkeys(r["op"] for r in rows))
-    metrics = (("median_ms", "step ms"), ("peak_mib", "peak MiB (above start)"), ("peak_total_mib", "peak MiB (all)"))
+    metrics = (
+        ("median_ms", "step ms"),
+        ("peak_mib", "peak MiB (above start)"),
+        ("peak_total_mib", "peak MiB (whole method)"),
+    )
     fig, axes = plt.subplots(len(ops), len(metrics), figsize=(15, 3.8 * len(ops)), squeeze=False)
     for axrow, op in zip(axes, ops):
         members = [r for r in rows if r["op"] == op]

@@ -271,3 +271,30 @@ def test_reference_snell_threshold_by_sort_equals_torch_quantile(seed):
     torch.testing.assert_close(by_sort, by_quantile, rtol=0, atol=0)
     kept = (by_sort != 0).reshape(3, -1).float().mean(1)
     assert torch.all((kept - 0.1).abs() < 0.02), kept  # 10% kept per group of 10 rows
+
+
+def test_ops_plot_and_tables_from_rows_with_sizes_and_errors(tmp_path, seed):
+    rows = []
+    for size in (256, 1024, 4096):
+        for provider in ("torch_topk", "pysnell"):
+            row = harness.base_row(
+                op="topk_mask_", case=f"n={size}", provider=provider, baseline="torch_topk", dtype="float32",
+                device="cuda",
+            )  # fmt: skip
+            t = float(torch.rand(()) + 0.1) * size / 256
+            row.update(median_ms=t, p20_ms=0.9 * t, p80_ms=1.1 * t, peak_mib=float(size), size=size, module="topk")
+            rows.append(row)
+    rows.append(
+        harness.error_row(
+            "RuntimeError: quantile() input tensor is too large", op="topk_mask_", case="n=4096",
+            provider="torch_quantile", baseline="torch_topk", dtype="float32", device="cuda",
+        )  # fmt: skip
+    )
+    rows[-1]["module"] = "topk"
+    assert report.add_ratios(rows) == []
+    meta = {"device_name": "test card", "mode": "full", "git_rev": "abc"}
+    path = report.plot_module("topk", rows, str(tmp_path), meta)
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    md = report.results_markdown(meta, ["a note"], rows)
+    assert "error: RuntimeError: quantile() input tensor is too large" in md and "- a note" in md
+    assert "torch_quantile error" in report.summary_markdown(meta, rows)
