@@ -98,6 +98,12 @@ print(f"cuda backend: {'ok' if cuda_error is None else cuda_error} ({time.time()
 t1 = time.time()
 triton_error = _backend.load_error("triton")
 print(f"triton backend: {'ok' if triton_error is None else triton_error} ({time.time() - t1:.1f} s)")
+try:  # pysnell's own environment report, when it exists (builds nothing more)
+    import json
+    from pysnell import env
+    print(json.dumps(env.report(), indent=1, default=str))
+except Exception as exc:  # noqa: BLE001
+    print(f"no environment report ({type(exc).__name__}: {exc})")
 if cuda_error is not None and "not part of this build" not in cuda_error:
     raise SystemExit(1)  # a loader exists but failed: report it as a failed step
 PYEOF

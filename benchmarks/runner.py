@@ -346,6 +346,7 @@ def main(argv=None) -> int:
                 report.plot_module(name, new, out_dir, meta)
             except Exception as exc:  # noqa: BLE001 - a plot must not lose the numbers
                 notes.append(f"{name}: plot failed ({type(exc).__name__}: {exc})")
+    meta["pysnell_env"] = _pysnell_env()
     write_outputs(out_dir, meta, notes, rows, old_rows is not None)
     for note in notes:
         print(f"[benchmarks] note: {note}")
@@ -372,6 +373,16 @@ def _release_device(device: str) -> None:
     if torch.device(device).type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _pysnell_env() -> dict | str:
+    """pysnell's own report of its backends and toolchain (builds nothing), when it has one."""
+    try:
+        from pysnell import env
+
+        return env.report()
+    except Exception as exc:  # noqa: BLE001 - informational only
+        return f"unavailable ({type(exc).__name__}: {exc})"
 
 
 def _backend_state() -> dict:
