@@ -286,9 +286,14 @@ def test_ops_plot_and_tables_from_rows_with_sizes_and_errors(tmp_path, seed):
             rows.append(row)
     rows.append(
         harness.error_row(
-            "RuntimeError: quantile() input tensor is too large", op="topk_mask_", case="n=4096",
-            provider="torch_quantile", baseline="torch_topk", dtype="float32", device="cuda",
-        )  # fmt: skip
+            "RuntimeError: quantile() input tensor is too large",
+            op="topk_mask_",
+            case="n=4096",
+            provider="torch_quantile",
+            baseline="torch_topk",
+            dtype="float32",
+            device="cuda",
+        )
     )
     rows[-1]["module"] = "topk"
     assert report.add_ratios(rows) == []
