@@ -1,0 +1,990 @@
+"""Triton kernels for the Monarch multiply (spec/MONARCH.md), forward and backward.
+
+Notation: x (T, n_in ≤ k·p), w1 (k, q, p), w2 (l, s, r), l·r = k·q, QL = q // l, y (T, m ≤ l·s).
+With q % l == 0, intermediate column ri = ki·QL + rr of output block li is row qj = rr·l + li of
+stage-1 block ki, so block li's intermediate is `w1.view(k, QL, l, p)[:, :, li, :]` applied to x,
+already in w2's column order. Every kernel below walks those strided views with pointer
+arithmetic: no permutation copies, no padded copies (missing features are masked to zero,
+extra outputs are not written).
+
+Kernels (each a 2-D `tl.dot` per block, fp32 accumulation; the 16-bit intermediate is rounded to
+the input dtype between the stages, as the reference's bmm does):
+- `_two_stage_kernel`: one program per (output block, token tile) computes its slice of the
+  intermediate on chip and multiplies it by the second factor at once. Forward (block li:
+  x -> w1 rows -> w2[li] -> interleaved columns si·l + li, bias fused) and, mirrored, dX (block ki:
+  dy columns si·l + li -> w2[li] -> w1[ki] -> dx columns ki·p + pp).
+- `_two_stage_wgrad_kernel`: dW2 and dW1 as reductions over tokens, recomputing the
+  intermediate (dW2) or the intermediate gradient (dW1) on chip, tile by tile.
+- `_gemm_kernel` / `_wgrad_kernel`: the single-stage versions for blocks too wide to keep a
+  whole output row of the block on chip (> 256): the intermediate goes through memory in
+  w2's column order (T, l, r).
+Weight gradients never use atomics: tokens are split into a fixed number of chunks, each
+writes an fp32 partial, and the partials are summed in a fixed order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from pysnell import _backend
+from pysnell.ops.monarch.function import _torch_backward, _torch_forward
+
+# Widest block row (columns of one output block, or of one weight-gradient tile row) that a
+# fused kernel keeps on chip as an fp32 accumulator next to its operand tiles.
+MAX_ONCHIP = 256
+PATHS = ("auto", "fused", "split")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_path = os.environ.get("PYSNELL_MONARCH_PATH", "auto").strip().lower() or "auto"
+
+
+def set_path(name: str) -> None:
+    """Kernel plan: "auto"/"fused" keep the intermediate on chip where the block fits (≤ 256 wide),
+    "split" always sends it through memory (for measurements)."""
+    global _path
+    if name not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {name!r}")
+    _path = name
+
+
+@contextlib.contextmanager
+def use_path(name: str):
+    before = _path
+    set_path(name)
+    try:
+        yield
+    finally:
+        set_path(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Pointer tiles are built once; loops add scalar offsets and compare index vectors
+# with scalar remainders (cheap address math on the GPU, and few vector ops when interpreting).
+# UPCAST (interpreter only) computes in fp32: the interpreter's 16-bit arithmetic is unreliable.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _index(i, D: tl.constexpr, HI: tl.constexpr, LO: tl.constexpr):
+    """Address offset of index i: i·LO, or (i // D)·HI + (i % D)·LO when D > 0."""
+    if D == 0:
+        return i * LO
+    else:
+        return (i // D) * HI + (i % D) * LO
+
+
+@triton.jit
+def _stage_one(
+    in_tile,
+    in_rows_ok,
+    in_cols,
+    in_left,
+    wa_tile,
+    u_ok,
+    IN_V: tl.constexpr,
+    WA_V: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BU: tl.constexpr,
+    BV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(BT, BU) fp32 = Σ over v < V of in_tile[:, v] · wa_tile[v, :].
+
+    in_tile (BT, BV) and wa_tile (BV, BU) point at v = 0; input column v is valid while
+    in_cols[v] < in_left (the implicit zero padding of x / dy).
+    """
+    offs_v = tl.arange(0, BV)
+    h = tl.zeros((BT, BU), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        v0 = tl.cast(v0, tl.int64)
+        v_ok = offs_v < V - v0
+        a = tl.load(in_tile + v0 * IN_V, mask=in_rows_ok & (v_ok & (in_cols < in_left - v0 * IN_V))[None, :], other=0.0)
+        w = tl.load(wa_tile + v0 * WA_V, mask=v_ok[:, None] & u_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        h = tl.dot(a, w, h, input_precision=PRECISION)
+    return h
+
+
+@triton.jit
+def _two_stage_kernel(
+    in_ptr,
+    wa_ptr,
+    wb_ptr,
+    bias_ptr,
+    out_ptr,
+    T,
+    n_in,
+    n_out,
+    stride_in,
+    stride_out,
+    IN_C: tl.constexpr,
+    IN_V: tl.constexpr,
+    WA_B: tl.constexpr,
+    WA_C: tl.constexpr,
+    WA_U: tl.constexpr,
+    WA_V: tl.constexpr,
+    WB_B: tl.constexpr,
+    WB_C: tl.constexpr,
+    WB_U: tl.constexpr,
+    WB_J: tl.constexpr,
+    OUT_B: tl.constexpr,
+    OUT_J: tl.constexpr,
+    NC: tl.constexpr,
+    U: tl.constexpr,
+    V: tl.constexpr,
+    J: tl.constexpr,
+    BT: tl.constexpr,
+    BU: tl.constexpr,
+    BV: tl.constexpr,
+    BJ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[t, b·OUT_B + j·OUT_J] = Σ_c Σ_u wb[b, c, u, j] · (Σ_v wa[b, c, u, v] · in[t, c·IN_C + v·IN_V]).
+
+    Forward: b = li, c = ki, u = rr, v = pp, j = si. dX: b = ki, c = li, u = rr, v = si, j = pp.
+    One program per (b, token tile, j tile); the caller makes BJ cover J, so each (BT, BU) slice
+    of the intermediate is computed once, rounded to the tensors' dtype (as the reference's
+    bmm output is) and multiplied by the second factor at once.
+    """
+    # sizes as int64: address math cannot overflow, and the interpreter skips its overflow checks
+    T = tl.cast(T, tl.int64)
+    n_in = tl.cast(n_in, tl.int64)
+    n_out = tl.cast(n_out, tl.int64)
+    b = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_u = tl.arange(0, BU)
+    offs_v = tl.arange(0, BV)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    rows_ok = (offs_t < T)[:, None]
+    j_ok = offs_j < J
+    in_cols = offs_v * IN_V
+    in_tile = in_ptr + offs_t.to(tl.int64)[:, None] * stride_in + in_cols[None, :]
+    wa_tile = wa_ptr + b * WA_B + offs_v[:, None] * WA_V + offs_u[None, :] * WA_U
+    wb_tile = wb_ptr + b * WB_B + offs_u[:, None] * WB_U + offs_j[None, :] * WB_J
+    NU: tl.constexpr = (U + BU - 1) // BU
+    acc = tl.zeros((BT, BJ), dtype=tl.float32)
+    # When V fits one tile the inner loop folds away and this is the only loop: all of its
+    # loads are pipelined.
+    for it in range(NC * NU):
+        c = tl.cast(it // NU, tl.int64)
+        u0 = tl.cast(it % NU, tl.int64) * BU
+        u_ok = offs_u < U - u0
+        h = _stage_one(
+            in_tile + c * IN_C,
+            rows_ok,
+            in_cols,
+            n_in - c * IN_C,
+            wa_tile + (c * WA_C + u0 * WA_U),
+            u_ok,
+            IN_V,
+            WA_V,
+            V,
+            BT,
+            BU,
+            BV,
+            UPCAST,
+            PRECISION,
+        )
+        wb = tl.load(wb_tile + (c * WB_C + u0 * WB_U), mask=u_ok[:, None] & j_ok[None, :], other=0.0)
+        h = h.to(out_ptr.dtype.element_ty)
+        if UPCAST:
+            h = h.to(tl.float32)
+            wb = wb.to(tl.float32)
+        acc = tl.dot(h, wb, acc, input_precision=PRECISION)
+    out_cols = b * OUT_B + offs_j * OUT_J
+    cols_ok = j_ok & (out_cols < n_out)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+    out_tile = out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + out_cols[None, :]
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=rows_ok & cols_ok[None, :])
+
+
+@triton.jit
+def _two_stage_wgrad_kernel(
+    g_ptr,
+    in_ptr,
+    wa_ptr,
+    out_ptr,
+    T,
+    n_g,
+    n_in,
+    stride_g,
+    stride_in,
+    G_B: tl.constexpr,
+    G_J: tl.constexpr,
+    IN_C: tl.constexpr,
+    IN_V: tl.constexpr,
+    WA_B: tl.constexpr,
+    WA_C: tl.constexpr,
+    WA_U: tl.constexpr,
+    WA_V: tl.constexpr,
+    O_B: tl.constexpr,
+    O_C: tl.constexpr,
+    O_U: tl.constexpr,
+    O_J: tl.constexpr,
+    O_SPLIT: tl.constexpr,
+    NC: tl.constexpr,
+    U: tl.constexpr,
+    V: tl.constexpr,
+    J: tl.constexpr,
+    BT: tl.constexpr,
+    BU: tl.constexpr,
+    BV: tl.constexpr,
+    BJ: tl.constexpr,
+    TILES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[split, b, c, u, j] = Σ_t g[t, b·G_B + j·G_J] · h[t, b, c, u] over the split's TILES·BT tokens,
+    with h[t, b, c, u] = Σ_v wa[b, c, u, v] · in[t, c·IN_C + v·IN_V] recomputed per token tile.
+
+    dW2: b = li, c = ki, u = rr, j = si, g = dy, in = x, wa = w1 rows (h = intermediate).
+    dW1: b = ki, c = li, u = rr, j = pp, g = x, in = dy, wa = w2 columns (h = its gradient).
+    """
+    # sizes as int64: address math cannot overflow, and the interpreter skips its overflow checks
+    T = tl.cast(T, tl.int64)
+    n_g = tl.cast(n_g, tl.int64)
+    n_in = tl.cast(n_in, tl.int64)
+    pid_cu = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    NU: tl.constexpr = (U + BU - 1) // BU
+    c = pid_cu // NU
+    u0 = (pid_cu % NU) * BU
+    offs_t = tl.arange(0, BT)
+    offs_u = tl.arange(0, BU)
+    offs_v = tl.arange(0, BV)
+    offs_j = tl.arange(0, BJ)
+    u_ok = offs_u < U - u0
+    j_ok = offs_j < J
+    g_cols = offs_j * G_J
+    g_cols_ok = j_ok & (g_cols < n_g - b * G_B)
+    in_cols = offs_v * IN_V
+    t_first = split.to(tl.int64) * (TILES * BT)
+    rows = (t_first + offs_t).to(tl.int64)[:, None]
+    g_tile = g_ptr + rows * stride_g + b * G_B + g_cols[None, :]
+    in_tile = in_ptr + rows * stride_in + c * IN_C + in_cols[None, :]
+    wa_tile = wa_ptr + (b * WA_B + c * WA_C + u0 * WA_U) + offs_v[:, None] * WA_V + offs_u[None, :] * WA_U
+    acc = tl.zeros((BJ, BU), dtype=tl.float32)
+    for i in range(TILES):
+        step = tl.cast(i, tl.int64) * BT
+        rows_ok = (offs_t < T - (t_first + step))[:, None]
+        h = _stage_one(
+            in_tile + step * stride_in,
+            rows_ok,
+            in_cols,
+            n_in - c * IN_C,
+            wa_tile,
+            u_ok,
+            IN_V,
+            WA_V,
+            V,
+            BT,
+            BU,
+            BV,
+            UPCAST,
+            PRECISION,
+        )
+        g = tl.load(g_tile + step * stride_g, mask=rows_ok & g_cols_ok[None, :], other=0.0)
+        h = h.to(g_ptr.dtype.element_ty)
+        if UPCAST:
+            g = g.to(tl.float32)
+            h = h.to(tl.float32)
+        acc = tl.dot(tl.trans(g), h, acc, input_precision=PRECISION)
+    out_tile = (
+        out_ptr + split * O_SPLIT + (b * O_B + c * O_C + u0 * O_U) + offs_u[None, :] * O_U + offs_j[:, None] * O_J
+    )
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=j_ok[:, None] & u_ok[None, :])
+
+
+@triton.jit
+def _gemm_kernel(
+    in_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    T,
+    n_in,
+    n_out,
+    stride_in,
+    stride_out,
+    NB: tl.constexpr,
+    K: tl.constexpr,
+    J: tl.constexpr,
+    IN_B: tl.constexpr,
+    IN_D: tl.constexpr,
+    IN_HI: tl.constexpr,
+    IN_LO: tl.constexpr,
+    W_B: tl.constexpr,
+    WK_D: tl.constexpr,
+    WK_HI: tl.constexpr,
+    WK_LO: tl.constexpr,
+    WJ_D: tl.constexpr,
+    WJ_HI: tl.constexpr,
+    WJ_LO: tl.constexpr,
+    OUT_B: tl.constexpr,
+    OUT_D: tl.constexpr,
+    OUT_HI: tl.constexpr,
+    OUT_LO: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BJ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[t, b·OUT_B + map(j)] = Σ_k in[t, b·IN_B + map(k)] · w[b·W_B + map(k) + map(j)] (+ bias).
+
+    Each map is i·LO, or (i // D)·HI + (i % D)·LO when D > 0 (the Monarch permutation inside a
+    block). Programs are ordered j tile, then block, then token tile: neighbours share input rows.
+    """
+    # sizes as int64: address math cannot overflow, and the interpreter skips its overflow checks
+    T = tl.cast(T, tl.int64)
+    n_in = tl.cast(n_in, tl.int64)
+    n_out = tl.cast(n_out, tl.int64)
+    pid = tl.program_id(0)
+    NJ: tl.constexpr = (J + BJ - 1) // BJ
+    pid_j = pid % NJ
+    b = (pid // NJ) % NB
+    pid_t = pid // (NJ * NB)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_j = pid_j * BJ + tl.arange(0, BJ)
+    rows_ok = (offs_t < T)[:, None]
+    j_ok = offs_j < J
+    rows_in = in_ptr + offs_t.to(tl.int64)[:, None] * stride_in + b * IN_B
+    w_cols = w_ptr + b * W_B + _index(offs_j, WJ_D, WJ_HI, WJ_LO)[None, :]
+    in_left = n_in - b * IN_B
+    acc = tl.zeros((BT, BJ), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        # index vectors from the induction variable keep their alignment visible to the compiler
+        kk = k0 + offs_k
+        k_ok = kk < K
+        in_cols = _index(kk, IN_D, IN_HI, IN_LO)
+        in_ok = k_ok & (in_cols < in_left)
+        a_ptrs = rows_in + in_cols[None, :]
+        w_ptrs = w_cols + _index(kk, WK_D, WK_HI, WK_LO)[:, None]
+        a = tl.load(a_ptrs, mask=rows_ok & in_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    out_cols = b * OUT_B + _index(offs_j, OUT_D, OUT_HI, OUT_LO)
+    cols_ok = j_ok & (out_cols < n_out)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+    out_tile = out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + out_cols[None, :]
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=rows_ok & cols_ok[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    T,
+    n_a,
+    n_b,
+    stride_a,
+    stride_b,
+    I: tl.constexpr,
+    J: tl.constexpr,
+    A_B: tl.constexpr,
+    A_D: tl.constexpr,
+    A_HI: tl.constexpr,
+    A_LO: tl.constexpr,
+    B_B: tl.constexpr,
+    B_LO: tl.constexpr,
+    O_B: tl.constexpr,
+    O_D: tl.constexpr,
+    O_HI: tl.constexpr,
+    O_LO: tl.constexpr,
+    O_J: tl.constexpr,
+    O_SPLIT: tl.constexpr,
+    BT: tl.constexpr,
+    BI: tl.constexpr,
+    BJ: tl.constexpr,
+    TILES: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[split, blk, map(i), j] = Σ_t a[t, blk·A_B + map(i)] · b[t, blk·B_B + j·B_LO] over TILES·BT tokens."""
+    # sizes as int64: address math cannot overflow, and the interpreter skips its overflow checks
+    T = tl.cast(T, tl.int64)
+    n_a = tl.cast(n_a, tl.int64)
+    n_b = tl.cast(n_b, tl.int64)
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    split = tl.program_id(2)
+    NJ: tl.constexpr = (J + BJ - 1) // BJ
+    offs_t = tl.arange(0, BT)
+    offs_i = (pid // NJ) * BI + tl.arange(0, BI)
+    offs_j = (pid % NJ) * BJ + tl.arange(0, BJ)
+    i_ok = offs_i < I
+    j_ok = offs_j < J
+    a_cols = _index(offs_i, A_D, A_HI, A_LO)
+    b_cols = offs_j * B_LO
+    a_cols_ok = i_ok & (a_cols < n_a - blk * A_B)
+    b_cols_ok = j_ok & (b_cols < n_b - blk * B_B)
+    t_first = split.to(tl.int64) * (TILES * BT)
+    rows = (t_first + offs_t).to(tl.int64)[:, None]
+    a_tile = a_ptr + rows * stride_a + blk * A_B + a_cols[None, :]
+    b_tile = b_ptr + rows * stride_b + blk * B_B + b_cols[None, :]
+    acc = tl.zeros((BI, BJ), dtype=tl.float32)
+    for i in range(TILES):
+        step = tl.cast(i, tl.int64) * BT
+        rows_ok = (offs_t < T - (t_first + step))[:, None]
+        a = tl.load(a_tile + step * stride_a, mask=rows_ok & a_cols_ok[None, :], other=0.0)
+        bt = tl.load(b_tile + step * stride_b, mask=rows_ok & b_cols_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(tl.trans(a), bt, acc, input_precision=PRECISION)
+    out_rows = _index(offs_i, O_D, O_HI, O_LO)
+    out_tile = out_ptr + split * O_SPLIT + blk * O_B + out_rows[:, None] + offs_j[None, :] * O_J
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _deinterleave_kernel(
+    src_ptr,
+    dst_ptr,
+    T,
+    n_src,
+    stride_src,
+    L: tl.constexpr,
+    S: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BL: tl.constexpr,
+):
+    """dst[t, li·S + si] = src[t, si·L + li], zero where si·L + li ≥ n_src (dy in w2's block order)."""
+    # sizes as int64: address math cannot overflow, and the interpreter skips its overflow checks
+    T = tl.cast(T, tl.int64)
+    n_src = tl.cast(n_src, tl.int64)
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_s = pid_s * BS + tl.arange(0, BS)
+    offs_l = tl.arange(0, BL)
+    rows = offs_t.to(tl.int64)[:, None, None]
+    t_ok = (offs_t < T)[:, None, None]
+    col = offs_s[None, :, None] * L + offs_l[None, None, :]
+    ok_in = t_ok & (offs_s < S)[None, :, None] & (offs_l < L)[None, None, :] & (col < n_src)
+    v = tl.permute(tl.load(src_ptr + rows * stride_src + col, mask=ok_in, other=0.0), (0, 2, 1))
+    dst = dst_ptr + rows * (L * S) + offs_l[None, :, None] * S + offs_s[None, None, :]
+    tl.store(dst, v, mask=t_ok & (offs_l < L)[None, :, None] & (offs_s < S)[None, None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: shapes, tile choices, launches
+# ----------------------------------------------------------------------------------------------
+
+# A fused program reads the whole token row of the other side once per block of its own side
+# (x once per output block, dy once per input block): beyond this many blocks those L2 re-reads
+# cost more than sending the intermediate through memory once.
+MAX_FUSED_REREADS = 8
+# Cap on the fp32 partial sums of one weight gradient (bytes): splits beyond it are not worth it.
+_PARTIALS_BYTES = 32 * 2**20
+_SMEM_BUDGET = 200 * 2**10  # bytes of operand tiles in flight per program (H100: 227 KB per block)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _interpreting() -> bool:
+    return _backend.triton_interpret()
+
+
+def _precision(dtype) -> str:
+    # fp32 stays IEEE fp32 unless torch itself allows TF32 for matmuls (same math as the torch backend).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fused_ok(width: int, rereads: int) -> bool:
+    """Whether a fused kernel serves a product whose block rows are `width` wide."""
+    if _path == "split":
+        return False
+    return _pow2(width) <= MAX_ONCHIP and (_path == "fused" or rereads <= MAX_FUSED_REREADS)
+
+
+def _token_splits(programs: int, T: int, bt: int, w_numel: int, device: torch.device) -> tuple[int, int]:
+    """(splits, token tiles per split) for a weight gradient with `programs` programs per split.
+
+    Enough splits to fill the GPU twice over, each ≥ 4 token tiles, fp32 partials ≤ 32 MiB. The
+    tiles per split are a power of two (a compile-time loop count): a new T compiles few variants.
+    """
+    tiles = triton.cdiv(T, bt)
+    if device.type != "cuda":
+        want = 2 if tiles >= 2 else 1  # exercises the partial-sum path under the interpreter
+    else:
+        want = triton.cdiv(2 * _sm_count(device.index or 0), max(programs, 1))
+        want = max(1, min(want, tiles // 4, _PARTIALS_BYTES // (4 * w_numel), 64))
+    per_split = triton.next_power_of_2(triton.cdiv(tiles, want))
+    return triton.cdiv(tiles, per_split), per_split
+
+
+def _unsupported(x2, w1, w2, more=()) -> str | None:
+    k, q, p = w1.shape
+    l, _, _ = w2.shape
+    if q % l:
+        return f"q={q} is not a multiple of l={l}: an output block does not take whole rows of every stage-1 block"
+    if x2.dtype not in _DTYPES:
+        return f"dtype {x2.dtype} (the kernels serve float32, float16 and bfloat16)"
+    tensors = (x2, w1, w2, *[t for t in more if t is not None])
+    if any(t.dtype != x2.dtype for t in tensors):
+        raise ValueError(
+            "monarch (triton): x2, w1, w2, bias and dy2 must share one dtype, got "
+            + ", ".join(str(t.dtype) for t in tensors)
+        )
+    if max(w1.numel(), w2.numel(), k * q) >= 2**31:
+        return "a factor with 2^31 or more elements"
+    return None
+
+
+def _fallback(op: str, w1, w2, dtype, reason: str) -> None:
+    _backend._warn_once(
+        ("monarch-triton-fallback", op, tuple(w1.shape), tuple(w2.shape), dtype),
+        f"pysnell: {op} (triton) cannot serve w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, {dtype}: {reason}; "
+        "running the torch implementation for this shape",
+    )
+
+
+def _empty(shape, device, dtype):
+    """Every buffer the kernels write (outputs, scratch, partials); tests poison it with NaN."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _rows(t):
+    """A 2-D tensor whose feature dim is contiguous (the token stride is passed to the kernels)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_opts(num_warps: int, num_stages: int) -> dict:
+    return {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def _stages(stage_bytes: int, most: int = 4) -> int:
+    return max(1, min(most, _SMEM_BUDGET // stage_bytes))
+
+
+def _two_stage_tiles(U, V, J, dtype, wgrad: bool):
+    """(BT, BU, BV, BJ, warps, stages) for the fused kernels (J ≤ MAX_ONCHIP).
+
+    BV covers V when it fits (16-bit: ≤ 256), so the only loop is the one over intermediate
+    chunks (or token tiles) and all of its loads are pipelined.
+    """
+    BJ = _pow2(J)
+    if _interpreting():  # small caps: the tests' small shapes still run every loop
+        return 32, 16, min(_pow2(V), 32), BJ, 4, 1
+    esize = torch.finfo(dtype).bits // 8
+    BU = min(_pow2(U), 64 if esize == 2 else 16)
+    BV = min(_pow2(V), 256 if esize == 2 else 32)
+    BT = 64 if esize == 2 else 32  # fp32 (IEEE) dots run on FMA units and hold more registers
+    # operand tiles per stage: input (BT, BV), first factor (BV, BU), second factor or g (BU|BT, BJ)
+    stage_bytes = (BT * BV + BV * BU + (BT if wgrad else BU) * BJ) * esize
+    return BT, BU, BV, BJ, 8 if BJ >= 128 else 4, _stages(stage_bytes)
+
+
+def _gemm_tiles(K, J, dtype):
+    if _interpreting():
+        return 32, 16, min(_pow2(J), 32), 4, 1
+    if dtype == torch.float32:
+        return 64, 32, min(_pow2(J), 128), 4, 3
+    BJ = 256 if J >= 256 else min(_pow2(J), 128)
+    return 128, 64, BJ, 8, 3
+
+
+def _wgrad_tiles(I, J, dtype):
+    if _interpreting():
+        return 32, min(_pow2(I), 32), min(_pow2(J), 32), 4, 1
+    if dtype == torch.float32:
+        return 32, min(_pow2(I), 64), min(_pow2(J), 128), 4, 3
+    return 64, min(_pow2(I), 128), min(_pow2(J), 128), 8, 3
+
+
+def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J):
+    T = inp.shape[0]
+    BT, BU, BV, BJ, warps, stages = _two_stage_tiles(U, V, J, inp.dtype, wgrad=False)
+    grid = (NB, triton.cdiv(T, BT), triton.cdiv(J, BJ))
+    _two_stage_kernel[grid](
+        inp,
+        wa,
+        wb,
+        bias if bias is not None else out,
+        out,
+        T,
+        n_in,
+        n_out,
+        inp.stride(0),
+        out.stride(0),
+        **maps,
+        NC=NC,
+        U=U,
+        V=V,
+        J=J,
+        BT=BT,
+        BU=BU,
+        BV=BV,
+        BJ=BJ,
+        HAS_BIAS=bias is not None,
+        UPCAST=_interpreting(),
+        PRECISION=_precision(inp.dtype),
+        **_launch_opts(warps, stages),
+    )
+
+
+def _run_gemm(inp, w, bias, out, n_in, n_out, *, maps, NB, K, J):
+    T = inp.shape[0]
+    BT, BK, BJ, warps, stages = _gemm_tiles(K, J, inp.dtype)
+    grid = (triton.cdiv(T, BT) * NB * triton.cdiv(J, BJ),)
+    _gemm_kernel[grid](
+        inp,
+        w,
+        bias if bias is not None else out,
+        out,
+        T,
+        n_in,
+        n_out,
+        inp.stride(0),
+        out.stride(0),
+        NB=NB,
+        K=K,
+        J=J,
+        **maps,
+        BT=BT,
+        BK=BK,
+        BJ=BJ,
+        HAS_BIAS=bias is not None,
+        UPCAST=_interpreting(),
+        PRECISION=_precision(inp.dtype),
+        **_launch_opts(warps, stages),
+    )
+
+
+def _partials(splits, w_shape, like):
+    # splits == 1 writes the gradient itself; otherwise fp32 partials, summed in a fixed order.
+    if splits == 1:
+        return _empty(w_shape, like.device, like.dtype)
+    return _empty((splits, *w_shape), like.device, torch.float32)
+
+
+def _finish(out, splits, dtype):
+    return out if splits == 1 else out.sum(0).to(dtype)
+
+
+def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, J):
+    T = g.shape[0]
+    BT, BU, BV, BJ, warps, stages = _two_stage_tiles(U, V, J, g.dtype, wgrad=True)
+    per_split = NC * triton.cdiv(U, BU)
+    numel = w_shape[0] * w_shape[1] * w_shape[2]
+    splits, tiles = _token_splits(per_split * NB, T, BT, numel, g.device)
+    out = _partials(splits, w_shape, g)
+    _two_stage_wgrad_kernel[(per_split, NB, splits)](
+        g,
+        inp,
+        wa,
+        out,
+        T,
+        n_g,
+        n_in,
+        g.stride(0),
+        inp.stride(0),
+        **maps,
+        O_SPLIT=numel,
+        TILES=tiles,
+        NC=NC,
+        U=U,
+        V=V,
+        J=J,
+        BT=BT,
+        BU=BU,
+        BV=BV,
+        BJ=BJ,
+        UPCAST=_interpreting(),
+        PRECISION=_precision(g.dtype),
+        **_launch_opts(warps, stages),
+    )
+    return _finish(out, splits, g.dtype)
+
+
+def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
+    T = a.shape[0]
+    BT, BI, BJ, warps, stages = _wgrad_tiles(I, J, a.dtype)
+    tiles_ij = triton.cdiv(I, BI) * triton.cdiv(J, BJ)
+    numel = w_shape[0] * w_shape[1] * w_shape[2]
+    splits, tiles = _token_splits(tiles_ij * NB, T, BT, numel, a.device)
+    out = _partials(splits, w_shape, a)
+    _wgrad_kernel[(tiles_ij, NB, splits)](
+        a,
+        b,
+        out,
+        T,
+        n_a,
+        n_b,
+        a.stride(0),
+        b.stride(0),
+        I=I,
+        J=J,
+        **maps,
+        O_SPLIT=numel,
+        TILES=tiles,
+        BT=BT,
+        BI=BI,
+        BJ=BJ,
+        UPCAST=_interpreting(),
+        PRECISION=_precision(a.dtype),
+        **_launch_opts(warps, stages),
+    )
+    return _finish(out, splits, a.dtype)
+
+
+def _deinterleave(dy2, l, s):
+    """dy in block order (T, l·s): column li·s + si holds dy column si·l + li (zero past out_features)."""
+    T = dy2.shape[0]
+    out = _empty((T, l * s), dy2.device, dy2.dtype)
+    BL = triton.next_power_of_2(l)
+    BS = max(16, 512 // BL) if not _interpreting() else 16
+    BT = 16
+    grid = (triton.cdiv(T, BT), triton.cdiv(s, BS))
+    _deinterleave_kernel[grid](dy2, out, T, dy2.shape[1], dy2.stride(0), L=l, S=s, BT=BT, BS=BS, BL=BL)
+    return out
+
+
+# --- the products, as index maps over the contiguous factors ------------------------------------
+# dyb below is dy in block order (T, l·s), column li·s + si (see _deinterleave).
+
+
+def _forward_fused(x2, w1, w2, bias, y):
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    QL = q // l
+    maps = dict(
+        IN_C=p, IN_V=1,  # x column ki·p + pp
+        WA_B=p, WA_C=q * p, WA_U=l * p, WA_V=1,  # w1[ki, rr·l + li, pp]
+        WB_B=s * r, WB_C=QL, WB_U=1, WB_J=r,  # w2[li, si, ki·QL + rr]
+        OUT_B=1, OUT_J=l,  # y column si·l + li
+    )  # fmt: skip
+    _run_two_stage(x2, w1, w2, bias, y, x2.shape[1], y.shape[1], maps=maps, NB=l, NC=k, U=QL, V=p, J=s)
+
+
+def _dx_fused(dyb, w1, w2, dx):
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    QL = q // l
+    maps = dict(
+        IN_C=s, IN_V=1,  # dyb column li·s + si
+        WA_B=QL, WA_C=s * r, WA_U=1, WA_V=r,  # w2[li, si, ki·QL + rr]
+        WB_B=q * p, WB_C=p, WB_U=l * p, WB_J=1,  # w1[ki, rr·l + li, pp]
+        OUT_B=p, OUT_J=1,  # dx column ki·p + pp
+    )  # fmt: skip
+    _run_two_stage(dyb, w2, w1, None, dx, l * s, dx.shape[1], maps=maps, NB=k, NC=l, U=QL, V=s, J=p)
+
+
+def _dw2_fused(dyb, x2, w1, w2):
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    QL = q // l
+    maps = dict(
+        G_B=s, G_J=1,  # dyb column li·s + si
+        IN_C=p, IN_V=1,  # x column ki·p + pp
+        WA_B=p, WA_C=q * p, WA_U=l * p, WA_V=1,  # w1[ki, rr·l + li, pp]
+        O_B=s * r, O_C=QL, O_U=1, O_J=r,  # dw2[li, si, ki·QL + rr]
+    )  # fmt: skip
+    return _run_two_stage_wgrad(dyb, x2, w1, w2.shape, l * s, x2.shape[1], maps=maps, NB=l, NC=k, U=QL, V=p, J=s)
+
+
+def _dw1_fused(dyb, x2, w1, w2):
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    QL = q // l
+    maps = dict(
+        G_B=p, G_J=1,  # x column ki·p + pp
+        IN_C=s, IN_V=1,  # dyb column li·s + si
+        WA_B=QL, WA_C=s * r, WA_U=1, WA_V=r,  # w2[li, si, ki·QL + rr]
+        O_B=q * p, O_C=p, O_U=l * p, O_J=1,  # dw1[ki, rr·l + li, pp]
+    )  # fmt: skip
+    return _run_two_stage_wgrad(x2, dyb, w2, w1.shape, x2.shape[1], l * s, maps=maps, NB=k, NC=l, U=QL, V=s, J=p)
+
+
+# The intermediate in memory is (T, l·r): block li's inputs in w2's column order. Inside a
+# stage-1 block the columns are taken in the order f = li·QL + rr (row rr·l + li of w1[ki]), so
+# runs of QL columns are contiguous on both sides.
+
+
+def _mid_split(x2, w1, w2):
+    k, q, p = w1.shape
+    l, _, r = w2.shape
+    QL = q // l
+    mid = _empty((x2.shape[0], l * r), x2.device, x2.dtype)
+    maps = dict(
+        IN_B=p, IN_D=0, IN_HI=0, IN_LO=1,  # x column ki·p + pp
+        W_B=q * p, WK_D=0, WK_HI=0, WK_LO=1, WJ_D=QL, WJ_HI=p, WJ_LO=l * p,  # w1[ki, rr·l + li, pp]
+        OUT_B=QL, OUT_D=QL, OUT_HI=r, OUT_LO=1,  # mid column li·r + ki·QL + rr
+    )  # fmt: skip
+    _run_gemm(x2, w1, None, mid, x2.shape[1], l * r, maps=maps, NB=k, K=p, J=q)
+    return mid
+
+
+def _out_from_mid(mid, w2, bias, y):
+    l, s, r = w2.shape
+    maps = dict(
+        IN_B=r, IN_D=0, IN_HI=0, IN_LO=1,  # mid column li·r + ri
+        W_B=s * r, WK_D=0, WK_HI=0, WK_LO=1, WJ_D=0, WJ_HI=0, WJ_LO=r,  # w2[li, si, ri]
+        OUT_B=1, OUT_D=0, OUT_HI=0, OUT_LO=l,  # y column si·l + li
+    )  # fmt: skip
+    _run_gemm(mid, w2, bias, y, l * r, y.shape[1], maps=maps, NB=l, K=r, J=s)
+
+
+def _dmid_split(dyb, w2):
+    l, s, r = w2.shape
+    dmid = _empty((dyb.shape[0], l * r), dyb.device, dyb.dtype)
+    maps = dict(
+        IN_B=s, IN_D=0, IN_HI=0, IN_LO=1,  # dyb column li·s + si
+        W_B=s * r, WK_D=0, WK_HI=0, WK_LO=r, WJ_D=0, WJ_HI=0, WJ_LO=1,  # w2[li, si, ri]
+        OUT_B=r, OUT_D=0, OUT_HI=0, OUT_LO=1,  # dmid column li·r + ri
+    )  # fmt: skip
+    _run_gemm(dyb, w2, None, dmid, l * s, l * r, maps=maps, NB=l, K=s, J=r)
+    return dmid
+
+
+def _dx_from_dmid(dmid, w1, w2, dx):
+    k, q, p = w1.shape
+    l, _, r = w2.shape
+    QL = q // l
+    maps = dict(
+        IN_B=QL, IN_D=QL, IN_HI=r, IN_LO=1,  # dmid column li·r + ki·QL + rr
+        W_B=q * p, WK_D=QL, WK_HI=p, WK_LO=l * p, WJ_D=0, WJ_HI=0, WJ_LO=1,  # w1[ki, rr·l + li, pp]
+        OUT_B=p, OUT_D=0, OUT_HI=0, OUT_LO=1,  # dx column ki·p + pp
+    )  # fmt: skip
+    _run_gemm(dmid, w1, None, dx, l * r, dx.shape[1], maps=maps, NB=k, K=q, J=p)
+
+
+def _dw2_from_mid(dyb, mid, w2):
+    l, s, r = w2.shape
+    maps = dict(
+        A_B=s, A_D=0, A_HI=0, A_LO=1,  # dyb column li·s + si
+        B_B=r, B_LO=1,  # mid column li·r + ri
+        O_B=s * r, O_D=0, O_HI=0, O_LO=r, O_J=1,  # dw2[li, si, ri]
+    )  # fmt: skip
+    return _run_wgrad(dyb, mid, w2.shape, l * s, l * r, maps=maps, NB=l, I=s, J=r)
+
+
+def _dw1_from_dmid(dmid, x2, w1, w2):
+    k, q, p = w1.shape
+    l, _, r = w2.shape
+    QL = q // l
+    maps = dict(
+        A_B=QL, A_D=QL, A_HI=r, A_LO=1,  # dmid column li·r + ki·QL + rr
+        B_B=p, B_LO=1,  # x column ki·p + pp
+        O_B=q * p, O_D=QL, O_HI=p, O_LO=l * p, O_J=1,  # dw1[ki, rr·l + li, pp]
+    )  # fmt: skip
+    return _run_wgrad(dmid, x2, w1.shape, l * r, x2.shape[1], maps=maps, NB=k, I=q, J=p)
+
+
+# --- plans and registered ops -------------------------------------------------------------------
+
+
+def plan(w1_shape, w2_shape) -> dict:
+    """Which kernel serves each product for these factor shapes ("fused" or "split")."""
+    k, _, p = w1_shape
+    l, s, _ = w2_shape
+    pick = lambda width, rereads: "fused" if _fused_ok(width, rereads) else "split"
+    return {
+        "forward": pick(s, l),  # reads x once per output block
+        "dw2": pick(s, max(k, l)),
+        "dw1": pick(p, max(k, l)),
+        "dx": pick(p, k),  # reads dy once per input block
+    }
+
+
+def _device_ctx(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def monarch_forward(x2, w1, w2, bias, out_features):
+    """The "monarch.forward" op: y2 (T, out_features) = Monarch(w1, w2)·x2 (+ bias)."""
+    reason = _unsupported(x2, w1, w2, (bias,))
+    if reason is not None:
+        _fallback("monarch.forward", w1, w2, x2.dtype, reason)
+        return _torch_forward(x2, w1, w2, bias, out_features)
+    x2, w1, w2 = _rows(x2), w1.contiguous(), w2.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = _empty((x2.shape[0], out_features), x2.device, x2.dtype)
+    if x2.shape[0] == 0:
+        return y
+    with _device_ctx(x2):
+        if plan(w1.shape, w2.shape)["forward"] == "fused":
+            _forward_fused(x2, w1, w2, bias, y)
+        else:
+            _out_from_mid(_mid_split(x2, w1, w2), w2, bias, y)
+    return y
+
+
+def monarch_backward(dy2, x2, w1, w2, needs=(True, True, True)):
+    """The "monarch.backward" op: (dx2, dw1, dw2), each None when not needed."""
+    need_x, need_w1, need_w2 = needs
+    reason = _unsupported(x2, w1, w2, (dy2,))
+    if reason is not None:
+        _fallback("monarch.backward", w1, w2, x2.dtype, reason)
+        return _torch_backward(dy2, x2, w1, w2, needs)
+    x2, w1, w2 = _rows(x2), w1.contiguous(), w2.contiguous()
+    l, s, _ = w2.shape
+    T = x2.shape[0]
+    if T == 0:
+        zeros = lambda t, need: torch.zeros_like(t) if need else None
+        return zeros(x2, need_x), zeros(w1, need_w1), zeros(w2, need_w2)
+    how = plan(w1.shape, w2.shape)
+    dx = dw1 = dw2 = None
+    with _device_ctx(x2):
+        # Every backward product reads dy by output block: one pass puts it in that order so
+        # all later loads are contiguous (reading it at stride l would fetch each sector l times).
+        dyb = _deinterleave(_rows(dy2), l, s)
+        if need_w2:
+            if how["dw2"] == "fused":
+                dw2 = _dw2_fused(dyb, x2, w1, w2)
+            else:
+                mid = _mid_split(x2, w1, w2)
+                dw2 = _dw2_from_mid(dyb, mid, w2)
+                del mid  # freed before the intermediate gradient is allocated
+        if need_x or need_w1:
+            # A materialised intermediate gradient, when either product needs it, serves both.
+            split = (need_w1 and how["dw1"] == "split") or (need_x and how["dx"] == "split")
+            dmid = _dmid_split(dyb, w2) if split else None
+            if need_w1:
+                dw1 = _dw1_fused(dyb, x2, w1, w2) if dmid is None else _dw1_from_dmid(dmid, x2, w1, w2)
+            if need_x:
+                dx = _empty(x2.shape, x2.device, x2.dtype)
+                if dmid is None:
+                    _dx_fused(dyb, w1, w2, dx)
+                else:
+                    del dyb
+                    _dx_from_dmid(dmid, w1, w2, dx)
+    return dx, dw1, dw2
+
+
+def register() -> None:
+    _backend.register("monarch.forward", "triton", monarch_forward)
+    _backend.register("monarch.backward", "triton", monarch_backward)
