@@ -14,7 +14,12 @@
 
 #include "pysnell_cuda.h"
 
-#ifndef PYSNELL_SOURCE_HASH
+// The build's source hash (csrc/__init__.py), passed as a bare token and stringified here.
+#define PYSNELL_STRINGIFY_(x) #x
+#define PYSNELL_STRINGIFY(x) PYSNELL_STRINGIFY_(x)
+#ifdef PYSNELL_SOURCE_HASH_TOKEN
+#define PYSNELL_SOURCE_HASH PYSNELL_STRINGIFY(PYSNELL_SOURCE_HASH_TOKEN)
+#else
 #define PYSNELL_SOURCE_HASH "unknown"
 #endif
 

@@ -4,7 +4,7 @@ SNELL / SNELLA (kernelized LoRA with competition-based sparsification), Monarch 
 in-place top-k masking, each with a pure-PyTorch reference and Triton / CUDA kernels.
 """
 
-from . import _backend
+from . import _backend, _jit
 from ._backend import get_backend, last_backend, set_backend
 from .adapter import (
     SNELLConfig,
@@ -32,6 +32,7 @@ def _load_triton():
 
 
 _backend.register_loader("triton", _load_triton)
+_backend.register_loader("cuda", _jit.load_cuda_backend)  # builds csrc/ lazily, on the first CUDA op
 
 __all__ = [
     "SNELLAAllocator",

@@ -1,0 +1,305 @@
+"""The "cuda" backend: pysnell's op signatures on top of the torch.library ops of csrc/binding.cpp.
+
+`register()` runs once the library is loaded (pysnell/_jit.py). Each function below has exactly the
+signature of its op in pysnell/ops/<family>/function.py. The kernels cover float32, float16 and bfloat16
+and SNELL ranks up to 256; other inputs (float64 for gradcheck, larger ranks) run the torch reference
+op, which computes the same math. GEMMs (x·W_effᵀ, dY·W_eff, dYᵀ·X) are cuBLAS calls through torch.
+
+AUTO_PREFERENCE is the one place that records which backend "auto" runs first on CUDA tensors when
+measurements showed that the default order (cuda -> triton -> torch) is not the fastest. Fill it from
+`python -m benchmarks.cuda_backend` on the target GPU (it prints the table) and say so in the README.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from .ops.snell import reference as snell_ref
+
+# op name -> backend order for "auto" on CUDA tensors, from measurements (see the module docstring).
+# Empty until the GPU benchmark has been run: every op then uses the default cuda -> triton -> torch.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {}
+
+KERNEL_IDS = {"piecewise": 0, "linear": 1, "rbf": 2, "sigmoid": 3, "snella": 4}
+MODE_IDS = {"reference": 0, "paper": 1, "mask": 2}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RANK = 256  # kSnellMaxRank in csrc/pysnell_cuda.h
+
+OPS = (
+    "topk.threshold",
+    "topk.mask_",
+    "snell.merge",
+    "snell.merge_backward",
+    "snell.layer_forward",
+    "snell.layer_backward",
+    "monarch.forward",
+    "monarch.backward",
+)
+
+
+def apply_auto_preference() -> None:
+    for op, order in AUTO_PREFERENCE.items():
+        _backend.set_auto_preference(op, order)
+
+
+def _lib():
+    return torch.ops.pysnell_cuda
+
+
+def _reference(op: str):
+    return _backend._registry[op]["torch"]
+
+
+def _sparsity_args(sparsity):
+    """(float value, device tensor or None): a GPU-resident sparsity is read by the kernels, no sync."""
+    if isinstance(sparsity, torch.Tensor):
+        if sparsity.device.type == "cpu":
+            return float(sparsity), None
+        return 0.0, sparsity
+    return float(sparsity), None
+
+
+# ---- top-k
+
+
+def topk_threshold(x2d: torch.Tensor, sparsity) -> torch.Tensor:
+    if x2d.dtype not in KERNEL_DTYPES or x2d.shape[0] > 65535:
+        return _reference("topk.threshold")(x2d, sparsity)
+    value, tensor = _sparsity_args(sparsity)
+    return _lib().topk_threshold(x2d, value, tensor)
+
+
+def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
+    if x.dtype not in KERNEL_DTYPES:
+        return _reference("topk.mask_")(x, sparsity, k, want_packed)
+    target = x if x.is_contiguous() else x.contiguous()
+    value, tensor = (0.0, None) if k is not None else _sparsity_args(sparsity)
+    threshold, packed = _lib().topk_mask_(target, value, tensor, -1 if k is None else int(k), bool(want_packed))
+    if target is not x:
+        x.copy_(target)
+    return x, threshold, (packed if want_packed else None)
+
+
+# ---- SNELL
+
+
+def _snell_supported(A, B, spec, *others) -> bool:
+    return (
+        A.dtype in KERNEL_DTYPES
+        and B.dtype == A.dtype
+        and 1 <= A.shape[0] <= MAX_RANK
+        and spec.kernel in KERNEL_IDS
+        and spec.mode in MODE_IDS
+        and B.shape[0] // spec.out_groups <= 65535 * 64
+        and all(t is None or t.dtype in KERNEL_DTYPES for t in others)
+    )
+
+
+def _colstats(A, B, params, spec):
+    if spec.kernel != "snella":
+        return None
+    return _lib().snell_colstats(A, B, *params, KERNEL_IDS["snella"], spec.pieces, spec.out_groups)
+
+
+def _known_zero(sparsity) -> bool:
+    return snell_ref._zero_sparsity(sparsity) is True
+
+
+def _weff(A, B, params, spec, colstats, weight, thresholds, sparsity, out_dtype):
+    value, tensor = _sparsity_args(sparsity)
+    return _lib().snell_weff(
+        A,
+        B,
+        *params,
+        colstats,
+        weight,
+        thresholds,
+        value,
+        tensor,
+        KERNEL_IDS[spec.kernel],
+        spec.pieces,
+        MODE_IDS[spec.mode],
+        spec.out_groups,
+        out_dtype,
+    )
+
+
+def _param_grads(dscalars, A, spec, need_params):
+    """(dcoeffs, dalpha, dbeta, dgamma) as the reference returns them: None where it has none."""
+    need_c, need_a, need_b, need_g = need_params
+    P = spec.pieces
+    has_coeffs = spec.kernel in ("piecewise", "snella")
+    has_scalars = spec.kernel in ("rbf", "sigmoid", "snella")
+    d = dscalars.to(A.dtype)
+    dcoeffs = d[:P] if (has_coeffs and need_c) else None
+    dalpha = d[P].reshape(()) if (has_scalars and need_a) else None
+    dbeta = d[P + 1].reshape(()) if (has_scalars and need_b) else None
+    dgamma = d[P + 2].reshape(()) if (has_scalars and need_g) else None
+    return dcoeffs, dalpha, dbeta, dgamma
+
+
+def snell_merge(A, B, params, spec):
+    if not _snell_supported(A, B, spec):
+        return _reference("snell.merge")(A, B, params, spec)
+    colstats = _colstats(A, B, params, spec)
+    return _weff(A, B, params, spec, colstats, None, None, 0.0, A.dtype)
+
+
+def snell_merge_backward(G, A, B, params, spec, need_params):
+    if not _snell_supported(A, B, spec, G):
+        return _reference("snell.merge_backward")(G, A, B, params, spec, need_params)
+    colstats = _colstats(A, B, params, spec)
+    dA, dB, dscalars = _lib().snell_backward(
+        G, A, B, *params, colstats, None, 0.0, None, KERNEL_IDS[spec.kernel], spec.pieces, 0, spec.out_groups
+    )
+    return (dA, dB) + _param_grads(dscalars, A, spec, need_params)
+
+
+def snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity):
+    if not _snell_supported(A, B, spec, x2, weight):
+        return _reference("snell.layer_forward")(x2, weight, bias, A, B, params, spec, sparsity)
+    colstats = _colstats(A, B, params, spec)
+    if _known_zero(sparsity):
+        thresholds = torch.zeros(spec.out_groups, dtype=torch.float32, device=A.device)
+        W = _weff(A, B, params, spec, colstats, weight, None, 0.0, x2.dtype)
+    else:
+        value, tensor = _sparsity_args(sparsity)
+        thresholds = _lib().snell_select(
+            A, B, *params, colstats, value, tensor, KERNEL_IDS[spec.kernel], spec.pieces, spec.out_groups
+        )
+        W = _weff(A, B, params, spec, colstats, weight, thresholds, sparsity, x2.dtype)
+    y = F.linear(x2, W, None if bias is None else bias.to(x2.dtype))
+    return y, thresholds
+
+
+def snell_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs):
+    if not _snell_supported(A, B, spec, dy2, x2, weight):
+        return _reference("snell.layer_backward")(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs)
+    need_x, need_w, need_b, need_A, need_B = needs[:5]
+    need_params = tuple(needs[5:])
+    t = None if _known_zero(sparsity) else thresholds
+    colstats = _colstats(A, B, params, spec)
+    dx = dweight = dbias = None
+    if need_x:
+        dx = dy2 @ _weff(A, B, params, spec, colstats, weight, t, sparsity, dy2.dtype)
+    if need_b:
+        dbias = dy2.sum(0)
+    grads = (None,) * 6
+    if need_w or need_A or need_B or any(need_params):
+        grad_s = dy2.t() @ x2.to(dy2.dtype)  # G_S in the GEMM dtype; the kernel casts it to A's dtype
+        if need_w:
+            dweight = grad_s.to(A.dtype).to(weight.dtype)
+        if need_A or need_B or any(need_params):
+            value, tensor = _sparsity_args(sparsity)
+            dA, dB, dscalars = _lib().snell_backward(
+                grad_s,
+                A,
+                B,
+                *params,
+                colstats,
+                t,
+                value,
+                tensor,
+                KERNEL_IDS[spec.kernel],
+                spec.pieces,
+                MODE_IDS[spec.mode],
+                spec.out_groups,
+            )
+            grads = (dA, dB) + _param_grads(dscalars, A, spec, need_params)
+    return (dx, dweight, dbias) + tuple(grads)
+
+
+# ---- Monarch
+
+
+def _monarch_supported(x2, w1, w2) -> bool:
+    return x2.dtype in KERNEL_DTYPES and w1.dtype == x2.dtype and w2.dtype == x2.dtype and x2.shape[0] <= 65535 * 64
+
+
+def monarch_forward(x2, w1, w2, bias, out_features):
+    if not _monarch_supported(x2, w1, w2):
+        return _reference("monarch.forward")(x2, w1, w2, bias, out_features)
+    return _lib().monarch_forward(x2, w1, w2, bias, int(out_features))
+
+
+def monarch_backward(dy2, x2, w1, w2, needs):
+    if not _monarch_supported(x2, w1, w2) or dy2.dtype != x2.dtype:
+        return _reference("monarch.backward")(dy2, x2, w1, w2, needs)
+    need_x, need_w1, need_w2 = (bool(n) for n in needs)
+    dx, dw1, dw2 = _lib().monarch_backward(dy2, x2, w1, w2, need_x, need_w1, need_w2)
+    return (dx if need_x else None), (dw1 if need_w1 else None), (dw2 if need_w2 else None)
+
+
+# ---- registration
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile can trace the ops without running them."""
+    lib = "pysnell_cuda::"
+
+    def fake(name):
+        return torch.library.register_fake(lib + name)
+
+    @fake("topk_threshold")
+    def _(x, sparsity, sparsity_tensor):
+        return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+    @fake("topk_mask_")
+    def _(x, sparsity, sparsity_tensor, k, want_packed):
+        n = x.numel()
+        return x.new_empty((), dtype=torch.float32), x.new_empty(
+            ((n + 7) // 8 if want_packed else 0,), dtype=torch.uint8
+        )
+
+    @fake("snell_colstats")
+    def _(A, B, coeffs, alpha, beta, gamma, kernel, pieces, groups):
+        return A.new_empty((groups, A.shape[1], 4), dtype=torch.float32)
+
+    @fake("snell_select")
+    def _(A, B, coeffs, alpha, beta, gamma, colstats, sparsity, sparsity_tensor, kernel, pieces, groups):
+        return A.new_empty((groups,), dtype=torch.float32)
+
+    @fake("snell_weff")
+    def _(A, B, c, a, b, g, colstats, weight, thresholds, s, st, kernel, pieces, mode, groups, out_dtype):
+        return A.new_empty((B.shape[0], A.shape[1]), dtype=out_dtype)
+
+    @fake("snell_backward")
+    def _(grad, A, B, coeffs, a, b, g, colstats, thresholds, s, st, kernel, pieces, mode, groups):
+        return torch.empty_like(A), torch.empty_like(B), A.new_empty((pieces + 3,), dtype=torch.float32)
+
+    @fake("monarch_forward")
+    def _(x, w1, w2, bias, out_features):
+        return x.new_empty((x.shape[0], out_features))
+
+    @fake("monarch_backward")
+    def _(dy, x, w1, w2, need_x, need_w1, need_w2):
+        return (
+            torch.empty_like(x) if need_x else x.new_empty((0,)),
+            torch.empty_like(w1) if need_w1 else x.new_empty((0,)),
+            torch.empty_like(w2) if need_w2 else x.new_empty((0,)),
+        )
+
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _register_fakes()
+    impls = {
+        "topk.threshold": topk_threshold,
+        "topk.mask_": topk_mask_,
+        "snell.merge": snell_merge,
+        "snell.merge_backward": snell_merge_backward,
+        "snell.layer_forward": snell_layer_forward,
+        "snell.layer_backward": snell_layer_backward,
+        "monarch.forward": monarch_forward,
+        "monarch.backward": monarch_backward,
+    }
+    for op, fn in impls.items():
+        _backend.register(op, "cuda", fn)
+    _registered = True
