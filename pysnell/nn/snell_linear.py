@@ -70,8 +70,9 @@ class SNELLLinear(nn.Module):
             self.snell_coeffs = nn.Parameter(coeffs)
         else:
             self.register_buffer("snell_coeffs", coeffs)
+        # Kernel scalars as 1-element vectors, not 0-dim: FSDP (1 and 2) cannot shard 0-dim parameters.
         for name, value in ref.SCALAR_INIT.get(kernel, {}).items():
-            setattr(self, f"snell_{name}", nn.Parameter(torch.tensor(value, device=dev)))
+            setattr(self, f"snell_{name}", nn.Parameter(torch.tensor([value], device=dev)))
         self.register_buffer("sparsity", torch.tensor(s, dtype=torch.float64, device=dev))
         self.merged = False
 
