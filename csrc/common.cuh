@@ -6,8 +6,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "pysnell_cuda.h"
+
+// Return the first launch error of the enqueued kernels (no synchronisation).
+#define PYSNELL_RETURN_IF_ERROR(expr)   \
+  do {                                  \
+    const cudaError_t err_ = (expr);    \
+    if (err_ != cudaSuccess) return err_; \
+  } while (0)
 
 namespace pysnell {
 namespace detail {
@@ -30,11 +38,29 @@ inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Allow a kernel more than 48 KB of dynamic shared memory (a no-op below that).
+// Let `kernel` take `bytes` of dynamic shared memory. Set whenever dynamic memory is used: the default
+// limit is 48 KB for static plus dynamic together, and several kernels also hold 16 KB of static
+// histograms. Cached per kernel and device, so the driver call happens once.
 template <typename Kernel>
 inline cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (bytes == 0) return cudaSuccess;
+  struct Entry {
+    const void* fn;
+    int device;
+    size_t bytes;
+  };
+  static std::mutex mutex;
+  static Entry done[128];
+  static int used = 0;
+  int device = 0;
+  PYSNELL_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> guard(mutex);
+  for (int i = 0; i < used; ++i)
+    if (done[i].fn == fn && done[i].device == device && done[i].bytes >= bytes) return cudaSuccess;
+  PYSNELL_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (used < 128) done[used++] = {fn, device, bytes};
+  return cudaSuccess;
 }
 
 // ---- dtype conversion
@@ -191,10 +217,3 @@ __device__ V block_exclusive_scan(V v, V* scratch, V* total) {
 
 }  // namespace detail
 }  // namespace pysnell
-
-// Return the first launch error of the enqueued kernels (no synchronisation).
-#define PYSNELL_RETURN_IF_ERROR(expr)   \
-  do {                                  \
-    const cudaError_t err_ = (expr);    \
-    if (err_ != cudaSuccess) return err_; \
-  } while (0)

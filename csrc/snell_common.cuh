@@ -253,8 +253,9 @@ __device__ __forceinline__ void load_colstats(const float* colstats, const Snell
 
 // Sparsification state of one block.
 struct SparseState {
-  bool active;  // thresholds given and sparsity != 0
-  float t;      // the group's threshold rounded to the factors' dtype (as the reference compares)
+  bool active;   // thresholds given and sparsity != 0
+  float t_keep;  // the group's float32 threshold: kept where |ΔW| > t, compared in float32 as selected
+  float t_val;   // the same rounded to the factors' dtype, as the reference's paper mode subtracts it
   SnellMode mode;
   DType dt;
 };
@@ -263,7 +264,8 @@ __device__ __forceinline__ SparseState sparse_state(const SnellSparsify& sp, con
   SparseState s;
   const double sparsity = sp.sparsity_dev != nullptr ? *sp.sparsity_dev : sp.sparsity;
   s.active = sp.thresholds != nullptr && sparsity != 0.0;
-  s.t = s.active ? round_to(f.dtype, sp.thresholds[g]) : 0.f;
+  s.t_keep = s.active ? sp.thresholds[g] : 0.f;
+  s.t_val = round_to(f.dtype, s.t_keep);
   s.mode = sp.mode;
   s.dt = f.dtype;
   return s;
@@ -273,10 +275,10 @@ __device__ __forceinline__ SparseState sparse_state(const SnellSparsify& sp, con
 __device__ __forceinline__ float sparsify_value(const SparseState& s, float dw) {
   if (!s.active) return dw;
   const float mag = fabsf(dw);
-  if (!(mag > s.t)) return 0.f;  // a dropped NaN becomes 0
+  if (!(mag > s.t_keep)) return 0.f;  // a dropped NaN becomes 0
   switch (s.mode) {
     case SnellMode::paper:
-      return round_to(s.dt, __fmul_rn(dw, round_to(s.dt, __fsub_rn(mag, s.t))));
+      return round_to(s.dt, __fmul_rn(dw, round_to(s.dt, __fsub_rn(mag, s.t_val))));
     case SnellMode::mask:
       return dw;
     default:
@@ -288,10 +290,10 @@ __device__ __forceinline__ float sparsify_value(const SparseState& s, float dw) 
 __device__ __forceinline__ float sparsify_grad(const SparseState& s, float g, float dw) {
   if (!s.active) return g;
   const float mag = fabsf(dw);
-  if (!(mag > s.t)) return 0.f;
+  if (!(mag > s.t_keep)) return 0.f;
   switch (s.mode) {
     case SnellMode::paper:
-      return round_to(s.dt, __fmul_rn(g, round_to(s.dt, __fsub_rn(__fmul_rn(2.0f, mag), s.t))));
+      return round_to(s.dt, __fmul_rn(g, round_to(s.dt, __fsub_rn(round_to(s.dt, __fmul_rn(2.0f, mag)), s.t_val))));
     case SnellMode::mask:
       return g;
     default:
