@@ -1,0 +1,410 @@
+"""Triton Monarch kernels (triton_kernels/monarch.py) against the dense oracle and the torch backend.
+
+CPU runs them under the Triton interpreter (TRITON_INTERPRET=1, set by conftest) in fp32 and fp16;
+on a GPU the same tests run compiled, and the GPU-marked ones add bf16 at the benchmark shapes.
+Every plan is exercised: "auto" (fused where a block fits on chip), "split" (intermediate through
+memory), "mixed" (small on-chip limit: some products fused, others split) and "fused" forced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from oracles import monarch_dense
+
+import pysnell
+from pysnell import MonarchLinear
+from pysnell.ops.monarch.function import monarch_shapes
+
+pytest.importorskip("triton")
+tm = pytest.importorskip("pysnell.triton_kernels.monarch")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Relative to the largest reference magnitude: fp32 accumulates in fp32; fp16 rounds the
+# intermediate and the output to fp16 (≈ 5e-4 each).
+TOL = {torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 3e-2}
+
+# (in, out, nblocks) -> w1 (k, q, p), w2 (l, s, r); all with q % l == 0 (the kernels serve them)
+LAYERS = {
+    "square": (64, 64, 4),  # (4, 16, 16), (4, 16, 16): QL = 4
+    "padded-in-cut-out": (27, 39, 2),  # (2, 14, 14), (2, 20, 14): x has 27 of 28 features, 39 of 40 outputs
+    "padded-wide": (61, 70, 4),  # (4, 16, 16), (4, 18, 16): 61 of 64 inputs, 70 of 72 outputs
+    "in>out": (96, 40, 2),  # (2, 20, 48), (2, 20, 20)
+    "one-block": (40, 24, 1),  # (1, 24, 40), (1, 24, 24): l = 1
+    "long-blocks": (160, 96, 2),  # (2, 48, 80), (2, 48, 48): V > one tile, QL = 24 > one chunk
+    "nine-blocks": (81, 81, 9),  # (9, 9, 9), (9, 9, 9): QL = 1; "auto" splits (9 blocks re-read)
+}
+BENCH_CASES = [(1024, 1024, 4), (4096, 4096, 4), (4096, 4096, 16), (768, 3072, 4), (3072, 768, 4)]
+
+
+@pytest.fixture
+def triton_backend(backend):
+    backend.set_backend("triton")
+    return backend
+
+
+@pytest.fixture
+def plan_path(request, monkeypatch):
+    """Sets the kernel plan for one test: auto, split, fused, or mixed (on-chip limit of 16)."""
+    name = request.param
+    if name == "mixed":
+        monkeypatch.setattr(tm, "MAX_ONCHIP", 16)
+        name = "auto"
+    with tm.use_path(name):
+        yield request.param
+
+
+def _close(got, want, dtype, what):
+    assert got is not None, f"{what}: missing"
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = want.abs().max().item() or 1.0
+    err = (got - want).abs().max().item() / scale
+    assert err <= TOL[dtype], f"{what}: max error {err:.2e} of scale {scale:.3g} > {TOL[dtype]:.0e}"
+
+
+def _dense_oracle(x, w1, w2, bias, out_features, dy):
+    """y and the gradients of x, w1, w2, bias from the dense matrix of spec/MONARCH.md §1 (float64)."""
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w1, w2)]
+    xd, w1d, w2d = leaves
+    M = monarch_dense(w1d, w2d)[:out_features, : x.shape[-1]]
+    y = xd @ M.t()
+    if bias is not None:
+        bd = bias.detach().double().cpu().requires_grad_()
+        leaves.append(bd)
+        y = y + bd
+    y.backward(dy.detach().double().cpu())
+    return y.detach(), [t.grad for t in leaves]
+
+
+def _layer_run(layer, x, dy):
+    x = x.detach().requires_grad_()  # keeps x's strides
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x)
+    y.backward(dy)
+    grads = [x.grad, layer.blkdiag1.grad, layer.blkdiag2.grad]
+    if layer.bias is not None:
+        grads.append(layer.bias.grad)
+    return y.detach(), grads
+
+
+GRAD_NAMES = ("dx", "dblkdiag1", "dblkdiag2", "dbias")
+
+
+def _check_layer(triton_backend, sizes, dtype, T=37, bias=True):
+    n_in, n_out, nblocks = sizes
+    layer = MonarchLinear(n_in, n_out, nblocks, bias=bias, device=DEVICE, dtype=dtype)
+    # column slices: the kernels get row strides wider than the features
+    x = torch.randn(T, n_in + 3, device=DEVICE, dtype=dtype)[:, :n_in]
+    dy = torch.randn(T, n_out + 5, device=DEVICE, dtype=dtype)[:, :n_out]
+    triton_backend.set_backend("triton")
+    y, grads = _layer_run(layer, x, dy)
+    assert pysnell.last_backend("monarch.forward") == "triton"
+    assert pysnell.last_backend("monarch.backward") == "triton"
+    y_ref, grads_ref = _dense_oracle(x, layer.blkdiag1, layer.blkdiag2, layer.bias, n_out, dy)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], n_out)
+    _close(y, y_ref, dtype, "y")
+    for got, want, name in zip(grads, grads_ref, GRAD_NAMES):
+        _close(got, want, dtype, name)
+    # and the torch backend agrees (same dtype, same rounding points)
+    triton_backend.set_backend("torch")
+    y_t, grads_t = _layer_run(layer, x, dy)
+    _close(y, y_t, dtype, "y vs torch backend")
+    for got, want, name in zip(grads, grads_t, GRAD_NAMES):
+        _close(got, want, dtype, f"{name} vs torch backend")
+
+
+@pytest.mark.parametrize("plan_path", ["auto", "split", "mixed"], indirect=True)
+@pytest.mark.parametrize("name", [n for n in LAYERS if n != "nine-blocks"])
+def test_layer_fp32_matches_dense_oracle(seed, triton_backend, plan_path, name):
+    _check_layer(triton_backend, LAYERS[name], torch.float32)
+
+
+@pytest.mark.parametrize("plan_path", ["auto", "fused"], indirect=True)
+def test_layer_many_blocks(seed, triton_backend, plan_path):
+    _check_layer(triton_backend, LAYERS["nine-blocks"], torch.float32, T=20, bias=False)
+
+
+@pytest.mark.parametrize("plan_path", ["auto", "split"], indirect=True)
+@pytest.mark.parametrize("name", ["padded-wide", "in>out"])
+def test_layer_fp16_matches_dense_oracle(seed, triton_backend, plan_path, name):
+    _check_layer(triton_backend, LAYERS[name], torch.float16)
+
+
+def test_plans_cover_both_paths():
+    # what the parametrised tests above rely on
+    shapes = lambda name: monarch_shapes(*LAYERS[name])
+    with tm.use_path("auto"):
+        assert set(tm.plan(*shapes("square")).values()) == {"fused"}
+        assert set(tm.plan(*shapes("nine-blocks")).values()) == {"split"}
+    with tm.use_path("split"):
+        assert set(tm.plan(*shapes("square")).values()) == {"split"}
+    with tm.use_path("fused"):
+        assert set(tm.plan(*shapes("nine-blocks")).values()) == {"fused"}
+
+
+def test_benchmark_shapes_are_served():
+    # every layer shape the benchmark uses runs on the kernels (no fallback), with the plan below
+    expected = {
+        (1024, 1024, 4): dict(forward="fused", dw2="fused", dw1="fused", dx="fused"),
+        (4096, 4096, 4): dict(forward="split", dw2="split", dw1="split", dx="split"),  # 1024-wide blocks
+        (4096, 4096, 16): dict(forward="split", dw2="split", dw1="split", dx="split"),  # 16 re-reads
+        (768, 3072, 4): dict(forward="split", dw2="split", dw1="fused", dx="fused"),  # s = 768
+        (3072, 768, 4): dict(forward="fused", dw2="fused", dw1="split", dx="split"),  # p = 768
+    }
+    for sizes, want in expected.items():
+        w1_shape, w2_shape = monarch_shapes(*sizes)
+        meta = lambda shape: torch.empty(shape, device="meta", dtype=torch.bfloat16)
+        assert tm._unsupported(meta((8, sizes[0])), meta(w1_shape), meta(w2_shape)) is None, sizes
+        with tm.use_path("auto"):
+            assert tm.plan(w1_shape, w2_shape) == want, sizes
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [(True, False, False), (False, True, True), (False, False, True), (True, True, False)],
+    ids=["x-only", "weights-only", "w2-only", "x-and-w1"],
+)
+def test_functional_with_partial_gradients(seed, triton_backend, needs):
+    (k, q, p), (l, s, r) = monarch_shapes(48, 90, 4)  # (4, 12, 12), (4, 23, 12): 90 of 92 outputs
+    x = torch.randn(3, 7, k * p, device=DEVICE).requires_grad_(needs[0])
+    w1 = torch.randn(k, q, p, device=DEVICE).requires_grad_(needs[1])
+    w2 = torch.randn(l, s, r, device=DEVICE).requires_grad_(needs[2])
+    bias = torch.randn(l * s, device=DEVICE)
+    y = pysnell.monarch_matmul(x, w1, w2, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert pysnell.last_backend("monarch.backward") == "triton"
+    y_ref, (dx, dw1, dw2, _) = _dense_oracle(x, w1, w2, bias, l * s, dy)
+    _close(y, y_ref, torch.float32, "y")
+    for leaf, want, need, name in zip((x, w1, w2), (dx, dw1, dw2), needs, GRAD_NAMES):
+        if need:
+            _close(leaf.grad, want, torch.float32, name)
+        else:
+            assert leaf.grad is None, f"{name} computed though not needed"
+
+
+@pytest.mark.parametrize("path", ["auto", "split"])
+def test_poisoned_buffers_are_fully_written(seed, monkeypatch, path):
+    # every buffer the kernels write (outputs, scratch, fp32 partials) starts as NaN
+    def poisoned(shape, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(tm, "_empty", poisoned)
+    (k, q, p), (l, s, r) = w1_shape, w2_shape = monarch_shapes(61, 70, 4)
+    x = torch.randn(37, 61, device=DEVICE)
+    w1, w2 = torch.randn(w1_shape, device=DEVICE), torch.randn(w2_shape, device=DEVICE)
+    bias, dy = torch.randn(70, device=DEVICE), torch.randn(37, 70, device=DEVICE)
+    with tm.use_path(path):
+        y = tm.monarch_forward(x, w1, w2, bias, 70)
+        dx, dw1, dw2 = tm.monarch_backward(dy, x, w1, w2, (True, True, True))
+    y_ref, (dx_ref, dw1_ref, dw2_ref, _) = _dense_oracle(x, w1, w2, bias, 70, dy)
+    for got, want, name in zip((y, dx, dw1, dw2), (y_ref, dx_ref, dw1_ref, dw2_ref), ("y", *GRAD_NAMES)):
+        _close(got, want, torch.float32, name)
+
+
+def test_weight_gradients_are_deterministic(seed):
+    w1_shape, w2_shape = monarch_shapes(64, 64, 4)
+    x, dy = torch.randn(70, 64, device=DEVICE), torch.randn(70, 64, device=DEVICE)
+    w1, w2 = torch.randn(w1_shape, device=DEVICE), torch.randn(w2_shape, device=DEVICE)
+    for path in ("auto", "split"):
+        with tm.use_path(path):
+            first = tm.monarch_backward(dy, x, w1, w2, (False, True, True))
+            again = tm.monarch_backward(dy, x, w1, w2, (False, True, True))
+        assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:])), path
+
+
+def test_unservable_shape_falls_back_exactly_and_says_so(seed, triton_backend, caplog, monkeypatch):
+    monkeypatch.setattr(pysnell._backend, "_warned", set())  # the message is logged once per process
+    sizes = (50, 70, 3)  # w1 (3, 17, 17), w2 (3, 24, 17): q = 17 is not a multiple of l = 3
+    layer = MonarchLinear(*sizes, device=DEVICE)
+    x = torch.randn(5, 50, device=DEVICE)
+    dy = torch.randn(5, 70, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="pysnell"):
+        y, grads = _layer_run(layer, x, dy)
+    text = caplog.text
+    assert "monarch.forward (triton) cannot serve" in text and "q=17 is not a multiple of l=3" in text
+    assert "monarch.backward (triton) cannot serve" in text
+    triton_backend.set_backend("torch")
+    y_t, grads_t = _layer_run(layer, x, dy)
+    assert torch.equal(y, y_t)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_t))
+
+
+def test_float64_falls_back_and_passes_gradcheck(seed, triton_backend, caplog, monkeypatch):
+    monkeypatch.setattr(pysnell._backend, "_warned", set())
+    (k, q, p), (l, s, r) = monarch_shapes(12, 8, 2)  # (2, 4, 6), (2, 4, 4): servable but for the dtype
+    x = torch.randn(3, k * p, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w1 = torch.randn(k, q, p, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(l, s, r, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="pysnell"):
+        assert torch.autograd.gradcheck(lambda *a: pysnell.monarch_matmul(*a), (x, w1, w2))
+    assert "dtype torch.float64" in caplog.text
+
+
+def test_mixed_dtypes_are_rejected_clearly():
+    w1_shape, w2_shape = monarch_shapes(16, 16, 2)
+    x = torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        tm.monarch_forward(
+            x, torch.randn(w1_shape, device=DEVICE).half(), torch.randn(w2_shape, device=DEVICE), None, 16
+        )
+
+
+def test_no_tokens(triton_backend):
+    layer = MonarchLinear(24, 20, 2, device=DEVICE)
+    x = torch.randn(0, 24, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 20)
+    y.sum().backward()
+    assert x.grad.shape == (0, 24) and torch.equal(layer.blkdiag1.grad, torch.zeros_like(layer.blkdiag1))
+
+
+# -------------------------------------------------------------------------------------------
+# Compiles for an H100 (sm_90) here, without a GPU: the interpreter accepts code a GPU may not.
+# -------------------------------------------------------------------------------------------
+
+_AOT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, tempfile
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    import triton.runtime.jit as jit
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class CompileOnly:  # a driver that targets sm_90 and never launches
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(CompileOnly())
+    compiled = []
+    run = jit.JITFunction.run
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+    jit.JITFunction.run = compile_only
+    import pysnell.triton_kernels.monarch as tm
+    from pysnell.ops.monarch.function import monarch_shapes
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    report = []
+    for sizes, path in json.loads(sys.argv[1]):
+        w1s, w2s = monarch_shapes(*sizes)
+        e = lambda *shape: torch.empty(shape, dtype=torch.bfloat16)
+        x, dy, b = e(256, sizes[0]), e(256, sizes[1]), e(sizes[1])
+        compiled.clear()
+        with tm.use_path(path):
+            tm.monarch_forward(x, e(*w1s), e(*w2s), b, sizes[1])
+            tm.monarch_backward(dy, x, e(*w1s), e(*w2s), (True, True, True))
+        for name, k in compiled:
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            usage = dict(kv.split(":") for kv in [l for l in res.splitlines() if "REG:" in l][0].split() if ":" in kv)
+            report.append(dict(sizes=sizes, path=path, kernel=name, regs=int(usage["REG"]),
+                               stack=int(usage["STACK"]), smem=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"]))
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile and run the kernels themselves")
+def test_kernels_compile_for_sm90_without_spills():
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump").exists():
+        pytest.skip("this Triton has no NVIDIA backend tools")
+    jobs = [((1024, 1024, 4), "auto"), ((768, 3072, 4), "split")]  # every kernel once
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = {r["kernel"] for r in report}
+    assert names == {
+        "_two_stage_kernel",
+        "_two_stage_wgrad_kernel",
+        "_gemm_kernel",
+        "_wgrad_kernel",
+        "_deinterleave_kernel",
+    }, names
+    for r in report:
+        assert r["stack"] == 0, f"register spills: {r}"
+        assert r["smem"] <= 227 * 1024, f"more shared memory than an H100 block has: {r}"
+        assert r["wgmma"] or r["kernel"] == "_deinterleave_kernel", f"no Hopper tensor-core MMA: {r}"
+
+
+# -------------------------------------------------------------------------------------------
+# GPU: bf16 at the benchmark shapes, autocast, small token counts
+# -------------------------------------------------------------------------------------------
+
+
+def _rel_rmse(got, want):
+    got, want = got.float(), want.float()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [8192, 16, 1])
+@pytest.mark.parametrize("sizes", BENCH_CASES, ids=lambda s: f"{s[0]}x{s[1]}-nb{s[2]}")
+def test_gpu_bf16_benchmark_shapes(seed, triton_backend, sizes, T):
+    if T < 8192 and sizes != (4096, 4096, 4):
+        pytest.skip("small T only at n=4096, nblocks=4 (as the benchmark)")
+    n_in, n_out, nblocks = sizes
+    layer = MonarchLinear(n_in, n_out, nblocks, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(T, n_out, device="cuda", dtype=torch.bfloat16)
+    y, grads = _layer_run(layer, x, dy)
+    assert pysnell.last_backend("monarch.forward") == "triton"
+    # reference: the torch implementation in fp32 on the same bf16 values
+    ref = MonarchLinear(n_in, n_out, nblocks, device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        for a, b in zip(ref.parameters(), layer.parameters()):
+            a.copy_(b.float())
+    triton_backend.set_backend("torch")
+    y_ref, grads_ref = _layer_run(ref, x.float(), dy.float())
+    assert y.dtype == torch.bfloat16
+    for got, want, name in zip((y, *grads), (y_ref, *grads_ref), ("y", *GRAD_NAMES)):
+        assert torch.isfinite(got).all(), name
+        err = _rel_rmse(got, want)
+        assert err < 1.5e-2, f"{name}: relative RMSE {err:.2e}"
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_stays_bf16(seed, triton_backend):
+    layer = MonarchLinear(1024, 1024, 4, device="cuda")  # fp32 parameters
+    x = torch.randn(512, 1024, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert pysnell.last_backend("monarch.forward") == "triton"
+    y.float().sum().backward()
+    assert layer.blkdiag1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    with torch.no_grad():
+        want = x @ layer.dense_weight().t() + layer.bias
+    assert _rel_rmse(y, want) < 1.5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", ["auto", "split"])
+def test_gpu_fp32_fp16_medium(seed, triton_backend, dtype, path):
+    with tm.use_path(path):
+        _check_layer(triton_backend, (768, 1000, 4), dtype, T=300)
