@@ -190,12 +190,45 @@ def test_window_overflow_falls_back_to_full_row(seed, monkeypatch, triton_backen
 
 @cpu_only
 def test_full_row_rounds_hand_over_to_candidates(seed, monkeypatch, triton_backend, poisoned, traces):
-    _config(monkeypatch, block=64, mask_block=64, full_tiles_per_program=2, cand_dedicated_max=300)
-    x = torch.randn(997)  # first round: the whole key range does not fit 300 slots, a binade does
-    _check_mask(x, sparsity=0.75)
-    _check_mask(x, k=random.Random(seed).randint(1, 997))
+    # 1000 keys in 16 tiles of 64, 4 tiles per program: 4 programs read the full row, but the 280
+    # keys of the binade [1, 2) fill 5 candidate tiles. Round 2 copies them and hands over to the
+    # candidates; its 5th program is idle. (On a GPU it may start after the hand-over: the launch
+    # stamp keeps it out of the next round's work; the interpreter runs programs in order.)
+    _config(monkeypatch, block=64, mask_block=64, full_tiles_per_program=4, cand_dedicated_max=300)
+    parts = (torch.rand(360) * 0.9 + 0.05, 1.0 + torch.rand(280) * 0.99, 2.0 + torch.rand(360) * 1.9)
+    x = torch.cat(parts)[torch.randperm(1000)] * torch.where(torch.rand(1000) < 0.5, -1.0, 1.0)
+    _check_mask(x, sparsity=random.Random(seed).uniform(0.37, 0.63))
+    _check_mask(x, k=random.Random(seed).randint(361, 639))
     for phases in traces():
-        assert PH_FULL in phases and PH_SAMPLE not in phases
+        assert {PH_FULL, PH_CAND} <= phases and PH_SAMPLE not in phases
+
+
+def _lerp_cases():
+    """(a, b, s) with v[lo] = a, v[hi] = b where torch.lerp's two branches round differently."""
+    rng = torch.Generator().manual_seed(1234)
+    cases = {}
+    for _ in range(20000):
+        a, b = (torch.rand(2, generator=rng) * torch.tensor([1.0, 50.0])).tolist()
+        s = 4 / 9 + torch.rand((), generator=rng).item() / 9  # pos = 9s in (4, 5): lo = 4, hi = 5
+        t_lo, t_hi = torch.tensor(a), torch.tensor(b)
+        w = torch.tensor(9 * s - 4, dtype=torch.float64).float()
+        low, high = t_lo + w * (t_hi - t_lo), t_hi - (t_hi - t_lo) * (1.0 - w)
+        key = bool(w < 0.5)
+        if key not in cases and not torch.equal(low, high):
+            cases[key] = (a, b, s)
+        if len(cases) == 2:
+            return list(cases.values())
+    raise AssertionError("no distinguishing case found")
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_threshold_rounds_exactly_like_torch_lerp(triton_backend, case):
+    """5 copies of a and 5 of b, s between ranks 4 and 5: the lerp branch and its rounding (no FMA) show."""
+    a, b, s = _lerp_cases()[case]
+    x = torch.tensor([a] * 5 + [b] * 5, device=_device()).view(1, -1)
+    want = ref.quantile_threshold(ref.magnitude_keys(x), s)
+    assert torch.equal(tk.topk_threshold(x, s), want)
+    assert torch.equal(tk.topk_threshold(x, torch.tensor(s, dtype=torch.float64, device=_device())), want)
 
 
 @cpu_only
