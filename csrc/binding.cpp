@@ -349,6 +349,7 @@ Tensor monarch_forward(const Tensor& x2, const Tensor& w1, const Tensor& w2, con
     bz = bias->to(x.scalar_type()).contiguous();
   }
   Tensor y = at::empty({sh.tokens, out_features}, x.options());
+  if (sh.tokens == 0) return y;
   const size_t bytes = pysnell::monarch_workspace_bytes(sh, x.element_size());
   TORCH_CHECK(bytes > 0, "pysnell CUDA Monarch: unsupported shape (feature counts must stay below 2^23)");
   Tensor ws = workspace(bytes, x);
@@ -374,6 +375,11 @@ std::tuple<Tensor, Tensor, Tensor> monarch_backward(const Tensor& dy2, const Ten
   Tensor dx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
   Tensor dw1 = need_w1 ? at::empty_like(a) : at::empty({0}, x.options());
   Tensor dw2 = need_w2 ? at::empty_like(b) : at::empty({0}, x.options());
+  if (sh.tokens == 0) {  // sums over no tokens
+    if (need_w1) dw1.zero_();
+    if (need_w2) dw2.zero_();
+    return {dx, dw1, dw2};
+  }
   const size_t bytes = pysnell::monarch_backward_workspace_bytes(sh, x.element_size());
   TORCH_CHECK(bytes > 0, "pysnell CUDA Monarch: unsupported shape (feature counts must stay below 2^23)");
   Tensor ws = workspace(bytes, x);

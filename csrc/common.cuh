@@ -36,7 +36,7 @@ inline int device_sm_count() {
 
 inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Let `kernel` take `bytes` of dynamic shared memory. Set whenever dynamic memory is used: the default
 // limit is 48 KB for static plus dynamic together, and several kernels also hold 16 KB of static

@@ -47,12 +47,13 @@ struct Tile {
   int ty, tx;     // this thread's 4×4 block
 };
 
-__device__ __forceinline__ Tile tile_of(const SnellFactors& f) {
+// The tile of this block's (group, row tile) at column tile `ct` (default: blockIdx.x).
+__device__ __forceinline__ Tile tile_of(const SnellFactors& f, int64_t ct) {
   Tile t;
   const int64_t mg = f.m / f.groups;
   t.g = blockIdx.z;
   t.rt = blockIdx.y;
-  t.ct = blockIdx.x;
+  t.ct = static_cast<int>(ct);
   const int64_t r0 = static_cast<int64_t>(t.rt) * TI;
   t.row0 = static_cast<int64_t>(t.g) * mg + r0;
   t.rows = static_cast<int>(mg - r0 < TI ? mg - r0 : TI);
@@ -62,6 +63,8 @@ __device__ __forceinline__ Tile tile_of(const SnellFactors& f) {
   t.tx = threadIdx.x % 16;
   return t;
 }
+
+__device__ __forceinline__ Tile tile_of(const SnellFactors& f) { return tile_of(f, blockIdx.x); }
 
 // Shared-memory layout: Bs [r][LDT] (B rows of the tile, transposed), As [r][LDT] (A columns),
 // sc [pieces + 3] = {c_0 .. c_{P-1}, α, β, γ}.
@@ -86,6 +89,14 @@ __device__ __forceinline__ float load_scalar(const void* p, DType dt, int64_t i)
   return p != nullptr ? load_as_float(p, dt, i) : 0.f;
 }
 
+// A's columns of the tile into As [r][LDT] (no barrier).
+__device__ __forceinline__ void load_a_tile(const SnellFactors& f, const Tile& t, float* As) {
+  for (int e = threadIdx.x; e < f.r * TJ; e += NT) {
+    const int kk = e / TJ, jj = e % TJ;
+    As[kk * LDT + jj] = jj < t.cols ? load_as_float(f.A, f.dtype, static_cast<int64_t>(kk) * f.n + t.col0 + jj) : 0.f;
+  }
+}
+
 // Load the tile's factor slices and the kernel scalars into shared memory; ends with a barrier.
 __device__ Ctx load_factors(const SnellFactors& f, const Tile& t, float* smem) {
   const int r = f.r;
@@ -96,10 +107,7 @@ __device__ Ctx load_factors(const SnellFactors& f, const Tile& t, float* smem) {
     const int ii = e / r, kk = e - (e / r) * r;  // B's tile rows are one contiguous run of TI·r values
     Bs[kk * LDT + ii] = ii < t.rows ? load_as_float(f.B, f.dtype, (t.row0 + ii) * r + kk) : 0.f;
   }
-  for (int e = threadIdx.x; e < r * TJ; e += NT) {
-    const int kk = e / TJ, jj = e % TJ;
-    As[kk * LDT + jj] = jj < t.cols ? load_as_float(f.A, f.dtype, static_cast<int64_t>(kk) * f.n + t.col0 + jj) : 0.f;
-  }
+  load_a_tile(f, t, As);
   for (int e = threadIdx.x; e < f.pieces + 3; e += NT) {
     float v;
     if (e < f.pieces) {
@@ -421,6 +429,15 @@ Grid grid_of(const SnellFactors& f) {
   g.grid = dim3(static_cast<unsigned int>(g.col_tiles), static_cast<unsigned int>(g.row_tiles),
                 static_cast<unsigned int>(f.groups));
   return g;
+}
+
+// The selection kernels sweep kHistColTiles column tiles per block: fewer shared histograms to clear
+// and flush per element.
+constexpr int kHistColTiles = 4;
+
+dim3 hist_grid(const SnellFactors& f) {
+  const Grid g = grid_of(f);
+  return dim3(static_cast<unsigned int>(detail::ceil_div(g.col_tiles, kHistColTiles)), g.grid.y, g.grid.z);
 }
 
 bool valid(const SnellFactors& f) {

@@ -18,19 +18,30 @@ __global__ void __launch_bounds__(NT)
                       int pass) {
   extern __shared__ float4 smem4[];
   __shared__ unsigned int sh[2][radix::kMaxBins];
-  const Tile t = tile_of(f);
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int64_t first_ct = static_cast<int64_t>(blockIdx.x) * kHistColTiles;
+  const int64_t col_tiles = detail::ceil_div(f.n, TJ);
+  Tile t = tile_of(f, first_ct);
   const radix::PassView v = radix::pass_view(ws.states + t.g, pass);
   radix::clear_shared(sh);
-  const Ctx c = load_factors(f, t, reinterpret_cast<float*>(smem4));  // its barrier also covers the clear
-  float4 cst[4];
-  if constexpr (KK == K_SNELLA) load_colstats(colstats, f, t, cst);
-  float dw[4][4], aux[4][4], aux2[4][4];
-  regen<KK>(c, cst, dw, aux, aux2);
+  const Ctx c = load_factors(f, t, smem);  // its barrier also covers the clear
+  for (int i = 0; i < kHistColTiles && first_ct + i < col_tiles; ++i) {
+    if (i > 0) {  // next column tile: same B rows, new A columns
+      t = tile_of(f, first_ct + i);
+      __syncthreads();
+      load_a_tile(f, t, smem + static_cast<size_t>(f.r) * LDT);
+      __syncthreads();
+    }
+    float4 cst[4];
+    if constexpr (KK == K_SNELLA) load_colstats(colstats, f, t, cst);
+    float dw[4][4], aux[4][4], aux2[4][4];
+    regen<KK>(c, cst, dw, aux, aux2);
 #pragma unroll
-  for (int x = 0; x < 4; ++x)
+    for (int x = 0; x < 4; ++x)
 #pragma unroll
-    for (int y = 0; y < 4; ++y)
-      if (t.ty * 4 + x < t.rows && t.tx * 4 + y < t.cols) radix::count_key(sh, v, radix::key_of(dw[x][y]));
+      for (int y = 0; y < 4; ++y)
+        if (t.ty * 4 + x < t.rows && t.tx * 4 + y < t.cols) radix::count_key(sh, v, radix::key_of(dw[x][y]));
+  }
   const int64_t group_size = (f.m / f.groups) * f.n;
   radix::flush_and_pick(sh, ws, t.g, v, gridDim.x * gridDim.y, rs, group_size, thresholds);
 }
@@ -88,12 +99,12 @@ cudaError_t snell_select(const SnellFactors& f, const float* colstats, RankSpec 
   if (workspace_bytes < radix::workspace_bytes(f.groups)) return cudaErrorInvalidValue;
   PYSNELL_RETURN_IF_ERROR(cudaMemsetAsync(workspace, 0, radix::workspace_bytes(f.groups), stream));
   const radix::Workspace ws = radix::carve(workspace, f.groups);
-  const Grid g = grid_of(f);
+  const dim3 grid = hist_grid(f);
   const size_t smem = factor_smem_bytes(f);
   PYSNELL_SNELL_DISPATCH(f.kernel, {
     PYSNELL_RETURN_IF_ERROR(detail::allow_smem(snell_hist_kernel<KK>, smem));
     for (int pass = 0; pass < radix::kPasses; ++pass) {
-      snell_hist_kernel<KK><<<g.grid, NT, smem, stream>>>(f, colstats, rank, ws, thresholds, pass);
+      snell_hist_kernel<KK><<<grid, NT, smem, stream>>>(f, colstats, rank, ws, thresholds, pass);
       PYSNELL_RETURN_IF_ERROR(cudaGetLastError());
     }
     return cudaSuccess;

@@ -214,8 +214,20 @@ def snell_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, threshol
 # ---- Monarch
 
 
+MONARCH_MAX_EXTENT = 2**23  # csrc/monarch.cu keeps per-element address steps in 32 bits
+
+
 def _monarch_supported(x2, w1, w2) -> bool:
-    return x2.dtype in KERNEL_DTYPES and w1.dtype == x2.dtype and w2.dtype == x2.dtype and x2.shape[0] <= 65535 * 64
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    extents = (k * q, k * p, l * s, q * p, s * r)
+    return (
+        x2.dtype in KERNEL_DTYPES
+        and w1.dtype == x2.dtype
+        and w2.dtype == x2.dtype
+        and x2.shape[0] <= 65535 * 64
+        and max(extents) < MONARCH_MAX_EXTENT
+    )
 
 
 def monarch_forward(x2, w1, w2, bias, out_features):
