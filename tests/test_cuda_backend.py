@@ -385,10 +385,19 @@ def rel_rmse(got, want) -> float:
     return float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
+def assert_sum_close(got, want, scale: float, name: str) -> None:
+    """Kernel-scalar gradients are sums over m·n terms of either sign that may nearly cancel: compare them
+    with float32 accumulation error in mind, relative to the sum of the terms' magnitudes (`scale`)."""
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= 1e-4 * want.double().abs().max().item() + 1e-5 * scale, (name, got, want, scale)
+
+
 @pytest.mark.gpu
 def test_jit_build_from_clean_cache_by_two_processes_builds_once(jit_build_record):
     if jit_build_record is None:
         pytest.skip("PYSNELL_SKIP_BUILD_TEST=1")
+    if any(r.get("aot") for r in jit_build_record):
+        pytest.skip("an ahead-of-time build is installed: nothing was JIT-built")
     assert [r["built"] for r in jit_build_record].count(True) == 1, jit_build_record
     waiter = next(r for r in jit_build_record if not r["built"])
     builder = next(r for r in jit_build_record if r["built"])
@@ -534,11 +543,15 @@ def test_snell_merge_and_its_gradient(cuda_ops, seed, kernel, groups):
     G = torch.randn(m, n, device=DEV)
     got = _impl("snell.merge_backward", "cuda")(G, A.detach(), B.detach(), _detached(kp), spec, (True,) * 4)
     ref = snell_ref.merge_backward(G.double(), A.detach().double(), B.detach().double(), _double(kp), spec, (True,) * 4)
+    scale = float(G.double().abs().sum()) * 4
     for name, a, b in zip(("dA", "dB", "dcoeffs", "dalpha", "dbeta", "dgamma"), got, ref):
         assert (a is None) == (b is None), name
         if a is not None:
             assert a.shape == b.shape and a.dtype == A.dtype, name
-            assert rel_rmse(a, b) < 2e-5, (name, rel_rmse(a, b))
+            if name in ("dA", "dB"):
+                assert rel_rmse(a, b) < 2e-5, (name, rel_rmse(a, b))
+            else:
+                assert_sum_close(a, b, scale, name)
     again = _impl("snell.merge_backward", "cuda")(G, A.detach(), B.detach(), _detached(kp), spec, (True,) * 4)
     assert all(a is None or torch.equal(a, b) for a, b in zip(got, again))  # deterministic
 
@@ -638,11 +651,12 @@ def test_snell_layer_gradients(cuda_ops, seed, kernel, mode):
     assert rel_rmse(bias.grad, dy2.double().sum(0)) < 1e-5
     assert rel_rmse(A.grad, want[0]) < 1e-4 and rel_rmse(B.grad, want[1]) < 1e-4
     named = dict(zip(("coeffs", "alpha", "beta", "gamma"), want[2:]))
+    scale = float(grad_delta.abs().sum()) * 4
     for name, tensor in params.items():
         if named[name] is None:
             assert tensor.grad is None or not tensor.grad.any(), name
         else:
-            assert rel_rmse(tensor.grad, named[name]) < 1e-4, (name, tensor.grad, named[name])
+            assert_sum_close(tensor.grad, named[name], scale, name)
 
 
 @pytest.mark.gpu
