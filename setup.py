@@ -20,6 +20,9 @@ packages = [
 package_dir = {"pysnell.triton_kernels": "triton_kernels", "pysnell.csrc": "csrc"}
 kwargs = {}
 if os.environ.get("PYSNELL_BUILD_CUDA") == "1":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # PEP 517 builds do not add it
     from pysnell_build import cuda_extension  # noqa: E402  (needs torch with CUDA; only then)
 
     ext, cmdclass = cuda_extension()

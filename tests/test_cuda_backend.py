@@ -253,6 +253,33 @@ def test_aot_build_is_used_only_when_built_from_these_sources(monkeypatch, tmp_p
     assert "built from other sources" in caplog.text
 
 
+def test_aot_build_compiles_the_jit_sources_with_the_jit_flags(monkeypatch):
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:  # a CPU torch does not look for the toolkit: point it at nvcc's
+        nvcc = _jit.shutil.which("nvcc")
+        if nvcc is None:
+            pytest.skip("no CUDA toolkit: CUDAExtension needs CUDA_HOME")
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(Path(os.path.realpath(nvcc)).parents[1]))
+    sys.path.insert(0, str(REPO))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    import pysnell_build
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="needs a CUDA build of torch"):
+        pysnell_build.cuda_extension()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    ext, cmdclass = pysnell_build.cuda_extension()
+    assert ext.name == "pysnell._C"
+    assert ext.sources == [f"csrc/{name}" for name in csrc_pkg.SOURCES]
+    assert ext.extra_compile_args["cxx"] == [*csrc_pkg.CXX_FLAGS, csrc_pkg.hash_define()]
+    assert ext.extra_compile_args["nvcc"][: len(csrc_pkg.NVCC_FLAGS) + 1] == [
+        *csrc_pkg.NVCC_FLAGS,
+        csrc_pkg.hash_define(),
+    ]
+    assert issubclass(cmdclass["build_ext"], cpp_extension.BuildExtension)
+
+
 def test_backend_falls_back_once_with_the_reason(fake_cuda_torch, monkeypatch, caplog, backend):
     monkeypatch.setattr(_jit, "find_nvcc", lambda: None)
     monkeypatch.setattr(_backend, "_loaded", set(_backend._loaded) - {"cuda"})
