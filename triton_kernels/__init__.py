@@ -7,8 +7,11 @@ use Triton. Under TRITON_INTERPRET=1 (set before import) the kernels also run on
 """
 
 import importlib
+import logging
 
 FAMILIES = ("topk", "monarch", "snell")
+# Families whose kernels failed to load, with the reason (their ops fall back to torch).
+FAMILY_ERRORS: dict[str, str] = {}
 
 
 def register() -> None:
@@ -16,9 +19,11 @@ def register() -> None:
 
     for family in FAMILIES:
         try:
-            module = importlib.import_module(f"{__name__}.{family}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{family}":
-                continue  # family not written yet
-            raise
-        module.register()
+            importlib.import_module(f"{__name__}.{family}").register()
+        except Exception as exc:  # noqa: BLE001 - one broken family must not disable the others
+            FAMILY_ERRORS[family] = f"{type(exc).__name__}: {exc}"
+            logging.getLogger("pysnell").warning(
+                "pysnell: the Triton %s kernels failed to load (%s); their ops use another backend",
+                family,
+                FAMILY_ERRORS[family],
+            )
