@@ -130,7 +130,7 @@ def test_layer_fp32_matches_dense_oracle(seed, triton_backend, plan_path, name):
     _check_layer(triton_backend, LAYERS[name], torch.float32)
 
 
-@pytest.mark.parametrize("plan_path", ["auto", "fused"], indirect=True)
+@pytest.mark.parametrize("plan_path", ["auto"], indirect=True)
 def test_layer_many_blocks(seed, triton_backend, plan_path):
     _check_layer(triton_backend, LAYERS["nine-blocks"], torch.float32, T=20, bias=False)
 
@@ -214,8 +214,8 @@ def test_poisoned_buffers_are_fully_written(seed, monkeypatch, path):
 
 
 def test_weight_gradients_are_deterministic(seed):
-    w1_shape, w2_shape = monarch_shapes(64, 64, 4)
-    x, dy = torch.randn(70, 64, device=DEVICE), torch.randn(70, 64, device=DEVICE)
+    w1_shape, w2_shape = monarch_shapes(32, 32, 2)
+    x, dy = torch.randn(70, 32, device=DEVICE), torch.randn(70, 32, device=DEVICE)  # 3 token tiles, 2 splits
     w1, w2 = torch.randn(w1_shape, device=DEVICE), torch.randn(w2_shape, device=DEVICE)
     for path in ("auto", "split"):
         with tm.use_path(path):

@@ -161,8 +161,9 @@ def _two_stage_kernel(
     T = tl.cast(T, tl.int64)
     n_in = tl.cast(n_in, tl.int64)
     n_out = tl.cast(n_out, tl.int64)
-    b = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    # token tiles on axis 0 (CUDA caps axes 1 and 2 at 65535)
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1)
     pid_j = tl.program_id(2)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_u = tl.arange(0, BU)
@@ -273,7 +274,8 @@ def _two_stage_wgrad_kernel(
     g_cols = offs_j * G_J
     g_cols_ok = j_ok & (g_cols < n_g - b * G_B)
     in_cols = offs_v * IN_V
-    t_first = split.to(tl.int64) * (TILES * BT)
+    split = tl.cast(split, tl.int64)
+    t_first = split * (TILES * BT)
     rows = (t_first + offs_t).to(tl.int64)[:, None]
     g_tile = g_ptr + rows * stride_g + b * G_B + g_cols[None, :]
     in_tile = in_ptr + rows * stride_in + c * IN_C + in_cols[None, :]
@@ -440,7 +442,8 @@ def _wgrad_kernel(
     b_cols = offs_j * B_LO
     a_cols_ok = i_ok & (a_cols < n_a - blk * A_B)
     b_cols_ok = j_ok & (b_cols < n_b - blk * B_B)
-    t_first = split.to(tl.int64) * (TILES * BT)
+    split = tl.cast(split, tl.int64)
+    t_first = split * (TILES * BT)
     rows = (t_first + offs_t).to(tl.int64)[:, None]
     a_tile = a_ptr + rows * stride_a + blk * A_B + a_cols[None, :]
     b_tile = b_ptr + rows * stride_b + blk * B_B + b_cols[None, :]
@@ -533,14 +536,15 @@ def _fused_ok(width: int, rereads: int) -> bool:
 def _token_splits(programs: int, T: int, bt: int, w_numel: int, device: torch.device) -> tuple[int, int]:
     """(splits, token tiles per split) for a weight gradient with `programs` programs per split.
 
-    Enough splits to fill the GPU twice over, each ≥ 4 token tiles, fp32 partials ≤ 32 MiB. The
-    tiles per split are a power of two (a compile-time loop count): a new T compiles few variants.
+    Enough splits for one program per SM (none when the gradient already has that many: no
+    fp32 partials then), each ≥ 4 token tiles, partials ≤ 32 MiB. The tiles per split are a power
+    of two (a compile-time loop count), so a new T compiles few variants.
     """
     tiles = triton.cdiv(T, bt)
     if device.type != "cuda":
         want = 2 if tiles >= 2 else 1  # exercises the partial-sum path under the interpreter
     else:
-        want = triton.cdiv(2 * _sm_count(device.index or 0), max(programs, 1))
+        want = triton.cdiv(_sm_count(device.index or 0), max(programs, 1))
         want = max(1, min(want, tiles // 4, _PARTIALS_BYTES // (4 * w_numel), 64))
     per_split = triton.next_power_of_2(triton.cdiv(tiles, want))
     return triton.cdiv(tiles, per_split), per_split
@@ -628,7 +632,7 @@ def _wgrad_tiles(I, J, dtype):
 def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J):
     T = inp.shape[0]
     BT, BU, BV, BJ, warps, stages = _two_stage_tiles(U, V, J, inp.dtype, wgrad=False)
-    grid = (NB, triton.cdiv(T, BT), triton.cdiv(J, BJ))
+    grid = (triton.cdiv(T, BT), NB, triton.cdiv(J, BJ))
     _two_stage_kernel[grid](
         inp,
         wa,
