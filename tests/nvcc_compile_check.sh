@@ -38,7 +38,10 @@ compile_one() {
   local src="$1" obj start
   obj="$out/$(basename "$src").o"
   start=$(date +%s)
+  # torch's extension builds add these (no implicit half/bf16 conversions): compile as they will
   if "$NVCC" -std=c++17 -O3 -Icsrc -c "$src" -o "$obj" \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+    -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a 2>"$obj.log"; then
     echo "  ok   $src ($(( $(date +%s) - start )) s)"
     grep -i warning "$obj.log" || true
