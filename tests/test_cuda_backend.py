@@ -353,10 +353,15 @@ print("PYSNELL_BUILD " + json.dumps(info), flush=True)
 
 @pytest.fixture(scope="session")
 def jit_build_record(tmp_path_factory):
-    """Two processes JIT-build from one clean cache at once; this process then reuses that build."""
+    """Two processes JIT-build from one clean cache at once; this process (and later ones) reuse that build.
+
+    The cache is the real one (PYSNELL_CACHE_DIR or ~/.cache/pysnell) while it holds no build for these
+    sources, so a GPU run that starts with these tests builds once in all; else a fresh directory.
+    """
     if not torch.cuda.is_available() or os.environ.get("PYSNELL_SKIP_BUILD_TEST") == "1":
         return None
-    cache = tmp_path_factory.mktemp("pysnell-clean-cache")
+    fresh = _jit._loaded_library is None and not _jit.built_state()["jit_built"] and _jit.aot_library() is None
+    cache = _jit.cache_root() if fresh else tmp_path_factory.mktemp("pysnell-clean-cache")
     env = dict(os.environ, PYSNELL_CACHE_DIR=str(cache))
     start = time.perf_counter()
     procs = [
