@@ -975,17 +975,20 @@ def monarch_backward(dy2, x2, w1, w2, needs=(True, True, True)):
                 del mid  # freed before the intermediate gradient is allocated
         if need_x or need_w1:
             # A materialised intermediate gradient, when either product needs it, serves both.
-            split = (need_w1 and how["dw1"] == "split") or (need_x and how["dx"] == "split")
-            dmid = _dmid_split(dyb, w2) if split else None
-            if need_w1:
-                dw1 = _dw1_fused(dyb, x2, w1, w2) if dmid is None else _dw1_from_dmid(dmid, x2, w1, w2)
-            if need_x:
-                dx = _empty(x2.shape, x2.device, x2.dtype)
-                if dmid is None:
-                    _dx_fused(dyb, w1, w2, dx)
-                else:
-                    del dyb
+            if (need_w1 and how["dw1"] == "split") or (need_x and how["dx"] == "split"):
+                dmid = _dmid_split(dyb, w2)
+                del dyb  # everything after reads dmid: freed before dx is allocated
+                if need_w1:
+                    dw1 = _dw1_from_dmid(dmid, x2, w1, w2)
+                if need_x:
+                    dx = _empty(x2.shape, x2.device, x2.dtype)
                     _dx_from_dmid(dmid, w1, w2, dx)
+            else:
+                if need_w1:
+                    dw1 = _dw1_fused(dyb, x2, w1, w2)
+                if need_x:
+                    dx = _empty(x2.shape, x2.device, x2.dtype)
+                    _dx_fused(dyb, w1, w2, dx)
     return dx, dw1, dw2
 
 
