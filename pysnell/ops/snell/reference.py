@@ -53,8 +53,13 @@ def _pieces(A, B, pieces):
 
 
 def piece_distance(Bp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
-    """δ[i, j] = ‖b_i − a_j‖₂ for Bp (m, d) and Ap (d, n), as torch.cdist computes it."""
-    return torch.cdist(Bp.unsqueeze(0), Ap.t().unsqueeze(0)).squeeze(0)
+    """δ[i, j] = ‖b_i − a_j‖₂ for Bp (m, d) and Ap (d, n), with torch.cdist.
+
+    Direct differences, never cdist's matrix-product shortcut (taken above 25 rows by default):
+    √(‖b‖² + ‖a‖² − 2bᵀa) loses ~1e-5 relative in float32 for close points (the kernels the
+    reference checks compute Σ(b − a)² directly), and for these small d it is slower on CPU too.
+    """
+    return torch.cdist(Bp.unsqueeze(0), Ap.t().unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist").squeeze(0)
 
 
 def piecewise(A, B, coeffs, pieces):
@@ -96,8 +101,9 @@ def _piecewise_backward(G, A, B, coeffs, pieces, need_coeffs):
         dist = piece_distance(Bp, Ap)
         if need_coeffs:
             dcoeffs[p] = (G * dist).sum()
-        # E_p = c_p·G/δ_p, 0 where δ_p = 0 (torch's subgradient of the norm).
-        E = torch.where(dist > 0, coeffs[p] * G / dist, torch.zeros((), dtype=G.dtype, device=G.device))
+        # E_p = c_p·G/δ_p, 0 where δ_p = 0 (torch's subgradient of the norm); in place: one m×n buffer.
+        E = G * coeffs[p]
+        E.div_(dist).masked_fill_(dist == 0, 0)
         d = Ap.shape[0]
         sl = slice(p * d, (p + 1) * d)
         dB[:, sl] = Bp * E.sum(1, keepdim=True) - E @ Ap.t()
@@ -165,6 +171,12 @@ def _select(zero, dense, sparse):
     return torch.where(zero, dense, sparse)
 
 
+def _keep(mag, threshold, groups):
+    """|ΔW| > t compared in float32, as the threshold was selected (spec: selection in fp32 whatever the
+    storage dtype); comparing in bf16 would round t onto a kept value, in fp64 would split float32 ties."""
+    return mag.to(torch.float32) > threshold.to(torch.float32).view(groups, 1, 1)
+
+
 def sparsify_given_threshold(delta, threshold, mode: str, sparsity, groups: int = 1):
     """S from ΔW and the per-group thresholds (G,) in the given mode (spec §3)."""
     zero = _zero_sparsity(sparsity)
@@ -173,7 +185,7 @@ def sparsify_given_threshold(delta, threshold, mode: str, sparsity, groups: int 
     d = _grouped(delta, groups)
     mag = d.abs()
     t = threshold.to(delta.dtype).view(groups, 1, 1)
-    keep = mag > t
+    keep = _keep(mag, threshold, groups)
     if mode == "reference":
         out = d * mag
     elif mode == "paper":
@@ -196,7 +208,7 @@ def sparsify_backward(grad_s, delta, threshold, mode: str, sparsity, groups: int
     g = _grouped(grad_s, groups)
     mag = d.abs()
     t = threshold.to(delta.dtype).view(groups, 1, 1)
-    keep = mag > t
+    keep = _keep(mag, threshold, groups)
     if mode == "reference":
         out = g * mag
     elif mode == "paper":

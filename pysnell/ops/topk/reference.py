@@ -34,7 +34,8 @@ def sparsity_tensor(sparsity, device) -> torch.Tensor:
 
 def quantile_positions(sparsity: torch.Tensor, n: int):
     """(lo, hi, weight) of torch.quantile's linear rule for N = n values, as device tensors."""
-    pos = sparsity * float(max(n - 1, 0))
+    # clamped: an unvalidated device-side sparsity outside [0, 1) must never index out of bounds
+    pos = torch.nan_to_num(sparsity * float(max(n - 1, 0)), nan=0.0).clamp(0.0, float(max(n - 1, 0)))
     lo = torch.floor(pos)
     hi = torch.ceil(pos)
     return lo.long(), hi.long(), (pos - lo).to(torch.float32)
