@@ -57,6 +57,7 @@ def _torch_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, t, need
     if need_x:
         S = ref.sparsify_given_threshold(delta, t, spec.mode, sparsity, spec.out_groups)
         dx = dy2 @ effective_weight(weight, S, dy2.dtype)
+        del S
     if need_b:
         dbias = dy2.sum(0)
     grads = (None,) * 6
@@ -66,6 +67,7 @@ def _torch_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, t, need
             dweight = grad_s.to(weight.dtype)
         if need_A or need_B or any(needs[5:]):
             grad_delta = ref.sparsify_backward(grad_s, delta, t, spec.mode, sparsity, spec.out_groups)
+            del grad_s, delta  # keep the peak at a few m×n buffers
             grads = ref.merge_backward(grad_delta, A, B, params, spec, needs[5:])
     return (dx, dweight, dbias) + tuple(grads)
 
@@ -74,6 +76,12 @@ _backend.register("snell.merge", "torch", ref.merge)
 _backend.register("snell.merge_backward", "torch", ref.merge_backward)
 _backend.register("snell.layer_forward", "torch", _torch_layer_forward)
 _backend.register("snell.layer_backward", "torch", _torch_layer_backward)
+
+
+def _sparsity_snapshot(sparsity):
+    """A copy of a tensor sparsity (a layer's buffer) for backward: changing the buffer between forward
+    and backward (e.g. a SNELLA re-allocation) must not change this step's gradients. None for a float."""
+    return sparsity.detach().clone() if isinstance(sparsity, torch.Tensor) else None
 
 
 def _param_grads(ctx, grads, first_index):
@@ -109,14 +117,15 @@ class SparsifyFunction(torch.autograd.Function):
     def forward(ctx, delta, sparsity, mode: str, groups: int):
         t = thresholds_for(delta, sparsity, groups)
         S = ref.sparsify_given_threshold(delta, t, mode, sparsity, groups)
-        ctx.save_for_backward(delta, t)
+        ctx.save_for_backward(delta, t, _sparsity_snapshot(sparsity))
         ctx.sparsity, ctx.mode, ctx.groups = sparsity, mode, groups
         return S
 
     @staticmethod
     def backward(ctx, grad_s):
-        delta, t = ctx.saved_tensors
-        return ref.sparsify_backward(grad_s, delta, t, ctx.mode, ctx.sparsity, ctx.groups), None, None, None
+        delta, t, s_saved = ctx.saved_tensors
+        sparsity = ctx.sparsity if s_saved is None else s_saved
+        return ref.sparsify_backward(grad_s, delta, t, ctx.mode, sparsity, ctx.groups), None, None, None
 
 
 class SNELLLinearFunction(torch.autograd.Function):
@@ -132,21 +141,20 @@ class SNELLLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, n)
         params = KernelParams(coeffs, alpha, beta, gamma)
         y2, t = _library.snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity)
-        ctx.save_for_backward(x, weight, A, B, coeffs, alpha, beta, gamma, t)
+        ctx.save_for_backward(x, weight, A, B, coeffs, alpha, beta, gamma, t, _sparsity_snapshot(sparsity))
         ctx.spec, ctx.sparsity = spec, sparsity
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, A, B, coeffs, alpha, beta, gamma, t = ctx.saved_tensors
+        x, weight, A, B, coeffs, alpha, beta, gamma, t, s_saved = ctx.saved_tensors
         n = A.shape[1]
         params = KernelParams(coeffs, alpha, beta, gamma)
         needs = tuple(ctx.needs_input_grad[:9])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        grads = _library.snell_layer_backward(
-            dy2, x.reshape(-1, n), weight, A, B, params, ctx.spec, ctx.sparsity, t, needs
-        )
+        sparsity = ctx.sparsity if s_saved is None else s_saved
+        grads = _library.snell_layer_backward(dy2, x.reshape(-1, n), weight, A, B, params, ctx.spec, sparsity, t, needs)
         dx = grads[0]
         if dx is not None:
             dx = dx.reshape(x.shape).to(x.dtype)
