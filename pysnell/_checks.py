@@ -41,6 +41,22 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
     return value
 
 
+def check_sparsity_arg(sparsity, name: str = "sparsity"):
+    """Validate a sparsity given as a float or a 1-element tensor, and return it unchanged.
+
+    A tensor's value is checked where reading it costs no device synchronisation (CPU, eager); a GPU
+    buffer was validated when it was set (SNELLLinear.set_sparsity), and the kernels clamp positions
+    anyway. Under torch.compile reading the value would break the graph, so it is skipped there too.
+    """
+    if isinstance(sparsity, torch.Tensor):
+        if sparsity.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(sparsity.shape)}")
+        if sparsity.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_sparsity(sparsity, name)
+        return sparsity
+    return check_sparsity(sparsity, name)
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

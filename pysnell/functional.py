@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_float_tensor, check_same_device, check_sparsity
+from ._checks import check_choice, check_float_tensor, check_same_device, check_sparsity_arg
 from .ops.monarch.function import monarch_matmul, monarch_project  # noqa: F401 (re-export)
 from .ops.snell import reference as ref
 from .ops.snell.function import KernelMergeFunction, SNELLLinearFunction, SparsifyFunction
@@ -77,10 +77,11 @@ def sparsify(delta, sparsity, mode="reference", *, out_groups=1):
     """
     check_float_tensor("delta", delta, ndim=2)
     check_choice("mode", mode, ref.MODES)
+    if isinstance(out_groups, bool) or not isinstance(out_groups, int) or out_groups < 1:
+        raise ValueError(f"out_groups must be a positive int, got {out_groups!r}")
     if delta.shape[0] % out_groups:
         raise ValueError(f"delta rows ({delta.shape[0]}) must be divisible by out_groups={out_groups}")
-    if not isinstance(sparsity, torch.Tensor):
-        check_sparsity(sparsity)
+    check_sparsity_arg(sparsity)
     return SparsifyFunction.apply(delta, sparsity, mode, out_groups)
 
 
@@ -125,6 +126,12 @@ def snell_linear(
     factors' dtype (fp32).
     """
     check_float_tensor("x", x)
+    if weight is not None:
+        check_float_tensor("weight", weight, ndim=2)
+    # x is judged against the base layer (or A when there is none): a wrong x must not blame A.
+    in_features = weight.shape[1] if weight is not None else getattr(A, "shape", (None, None))[-1]
+    if x.dim() == 0 or (in_features is not None and x.shape[-1] != in_features):
+        raise ValueError(f"x must have in_features={in_features} in its last dim, got shape {tuple(x.shape)}")
     check_snell_factors(
         A,
         B,
@@ -134,10 +141,14 @@ def snell_linear(
         in_features=x.shape[-1],
         out_features=None if weight is None else weight.shape[0],
     )
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (B.shape[0],):
+            raise ValueError(f"bias must have shape (out={B.shape[0]},), got {tuple(bias.shape)}")
     check_choice("mode", mode, ref.MODES)
-    check_same_device(x=x, A=A, B=B, **({"weight": weight} if weight is not None else {}))
-    if weight is not None and weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must be (out, in={x.shape[-1]}), got {tuple(weight.shape)}")
+    check_sparsity_arg(sparsity)
+    optional = {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
+    check_same_device(x=x, A=A, B=B, **optional)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))
@@ -147,8 +158,11 @@ def snell_linear(
     with torch.autocast(dev, enabled=False):
         if training and (dropout > 0.0 or drop_path > 0.0):
             # Reference branch form: frozen GEMM plus a separately regularised SNELL branch.
-            base = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            b = None if bias is None else bias.to(x.dtype)
+            base = F.linear(x, weight.to(x.dtype), b) if weight is not None else b
             xb = F.dropout(x, dropout, True)
-            branch = SNELLLinearFunction.apply(xb, None, None, A, B, *params, sparsity, spec)
-            return base + _drop_path(branch, drop_path, True)
+            branch = _drop_path(
+                SNELLLinearFunction.apply(xb, None, None, A, B, *params, sparsity, spec), drop_path, True
+            )
+            return branch if base is None else base + branch
         return SNELLLinearFunction.apply(x, weight, bias, A, B, *params, sparsity, spec)

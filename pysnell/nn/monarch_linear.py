@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .._checks import check_float_tensor, check_same_device
 from ..ops.monarch.function import MonarchMatmulFunction, monarch_project, monarch_shapes
 
 
@@ -61,8 +62,10 @@ class MonarchLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        check_float_tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have in_features={self.in_features} in its last dim, got {tuple(x.shape)}")
+        check_same_device(x=x, blkdiag1=self.blkdiag1, blkdiag2=self.blkdiag2)
         dt = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)  # autocast's dtype, bf16 stays bf16

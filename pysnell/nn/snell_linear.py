@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import functional as PF
-from .._checks import check_choice, check_sparsity
+from .._checks import check_choice, check_sparsity, check_sparsity_arg
 from ..ops.snell import reference as ref
 
 
@@ -99,13 +99,13 @@ class SNELLLinear(nn.Module):
             self.sparsity.fill_(s)
 
     def __setattr__(self, name, value):
-        if (
-            name == "sparsity"
-            and "sparsity" in self.__dict__.get("_buffers", {})
-            and not isinstance(value, torch.Tensor)
-        ):
-            self.set_sparsity(value)
-            return
+        if name == "sparsity" and "sparsity" in self.__dict__.get("_buffers", {}):
+            if not isinstance(value, torch.Tensor):
+                self.set_sparsity(value)
+                return
+            # A tensor replaces the buffer (functional_call does that), validated and kept float64.
+            check_sparsity_arg(value)
+            value = value.detach().to(torch.float64).reshape(())
         super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):
@@ -155,6 +155,15 @@ class SNELLLinear(nn.Module):
         """The sparse update S (out, in) in fp32, differentiable w.r.t. the adapter tensors."""
         kw = self._snell_kwargs()
         mode, groups = kw.pop("mode"), kw["out_groups"]
+        PF.check_snell_factors(  # against the base layer, before merge() writes anything
+            self.snell_A,
+            self.snell_B,
+            kernel=self.kernel,
+            pieces=self.pieces,
+            out_groups=groups,
+            in_features=self.in_features,
+            out_features=self.out_features,
+        )
         delta = PF.kernel_merge(self.snell_A, self.snell_B, **kw)
         return PF.sparsify(delta, self.sparsity, mode, out_groups=groups)
 
