@@ -53,6 +53,8 @@ class SNELLConfig:
         check_choice("mode", self.mode, ref.MODES)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if isinstance(self.pieces, bool) or not isinstance(self.pieces, int) or self.pieces < 1:
+            raise ValueError(f"pieces must be a positive int, got {self.pieces!r}")
         if self.r % self.pieces:
             raise ValueError(f"r={self.r} must be divisible by pieces={self.pieces}")
 
@@ -71,6 +73,12 @@ def _matches(name: str, patterns) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _inside(name: str, patterns) -> bool:
+    """The module or one of its parents matches (peft never targets anything inside modules_to_save)."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), patterns) for i in range(len(parts), 0, -1))
 
 
 def _groups_for(name: str, out_groups: dict[str, int]) -> int:
@@ -99,31 +107,57 @@ def inject(model: nn.Module, config: SNELLConfig) -> nn.Module:
         if isinstance(mod, nn.Linear)
         and _matches(name, config.target_modules)
         and not _matches(name, config.exclude_modules)
+        and not _inside(name, config.modules_to_save)
     ]
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
+    # Build every layer before touching the model, so that a bad layer (e.g. out_groups not dividing
+    # a width) leaves it exactly as it was; SNELLLinear freezes its base, so restore those flags too.
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        layers = [
+            (
+                name,
+                SNELLLinear(
+                    model.get_submodule(name),
+                    r=config.r,
+                    sparsity=config.sparsity,
+                    kernel=config.kernel,
+                    pieces=config.pieces,
+                    scale=config.scale,
+                    mode=config.mode,
+                    dropout=config.dropout,
+                    drop_path=config.drop_path,
+                    out_groups=_groups_for(name, config.out_groups),
+                    learnable_coeffs=config.learnable_coeffs,
+                ),
+            )
+            for name in targets
+        ]
+    except Exception:
+        _restore_requires_grad(flags)
+        raise
     model.requires_grad_(False)
-    for name in targets:
-        base = model.get_submodule(name)
-        layer = SNELLLinear(
-            base,
-            r=config.r,
-            sparsity=config.sparsity,
-            kernel=config.kernel,
-            pieces=config.pieces,
-            scale=config.scale,
-            mode=config.mode,
-            dropout=config.dropout,
-            drop_path=config.drop_path,
-            out_groups=_groups_for(name, config.out_groups),
-            learnable_coeffs=config.learnable_coeffs,
-        )
+    for name, layer in layers:
         _set_submodule(model, name, layer)
     for name, mod in model.named_modules():
         if config.modules_to_save and _matches(name, config.modules_to_save):
             mod.requires_grad_(True)
     model.pysnell_config = config
     return model
+
+
+def _restore_requires_grad(flags: dict) -> None:
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
+
+
+def _uninject(model: nn.Module, flags: dict) -> None:
+    """Undo a fresh `inject` (no merge happened): the plain linears back, the old trainable flags."""
+    for name, layer in snell_layers(model):
+        _set_submodule(model, name, layer.base)
+    _restore_requires_grad(flags)
+    model.__dict__.pop("pysnell_config", None)
 
 
 def snell_layers(model: nn.Module):
@@ -195,18 +229,30 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
     else:
         config, state = read_peft_files(directory)
-    if getattr(model, "pysnell_config", None) is None:
+    fresh = getattr(model, "pysnell_config", None) is None
+    flags = {p: p.requires_grad for p in model.parameters()}
+    if fresh:
         inject(model, config)
-    own = dict(model.named_parameters())
-    own.update({k: v for k, v in model.named_buffers()})
-    missing = [k for k in adapter_state_dict(model) if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
+    # Check everything before copying anything: a failed load leaves the model as it was.
+    try:
+        own = dict(model.named_parameters())
+        own.update({k: v for k, v in model.named_buffers()})
+        missing = [k for k in adapter_state_dict(model) if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"adapter does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        sparsity_keys = {f"{name}.sparsity" if name else "sparsity" for name, _ in snell_layers(model)}
         for k, v in state.items():
             if own[k].shape != v.shape:
                 raise ValueError(f"{k}: adapter has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+            if k in sparsity_keys:
+                check_sparsity(v, name=k)
+    except Exception:
+        if fresh:
+            _uninject(model, flags)
+        raise
+    with torch.no_grad():
+        for k, v in state.items():
             own[k].copy_(v)
     return model
 
