@@ -403,8 +403,8 @@ def test_gpu_autocast_stays_bf16(seed, triton_backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("path", ["auto", "split"])
+@pytest.mark.parametrize(("dtype", "path"), [(torch.float32, "auto"), (torch.float16, "split")])
 def test_gpu_fp32_fp16_medium(seed, triton_backend, dtype, path):
+    # (768, 1000, 4): w1 (4, 192, 192), w2 (4, 250, 192); s = 250 is not a power of two
     with tm.use_path(path):
         _check_layer(triton_backend, (768, 1000, 4), dtype, T=300)
