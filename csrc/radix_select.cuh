@@ -142,8 +142,8 @@ __device__ __forceinline__ float lerp_exact(float a, float b, float w) {
 // Called by every thread of the group's last block: pick this pass's digit for both selections from the
 // global histogram, advance the state, clear the histogram for the next pass. After the last pass, write
 // the threshold (quantile: lerp of the two order statistics; k-mode: the k-th largest key).
-__device__ void pick(GroupState* st, unsigned long long* hist, const RankSpec& rs, int64_t group_size, int pass,
-                     float* threshold_out) {
+__device__ inline void pick(GroupState* st, unsigned long long* hist, const RankSpec& rs, int64_t group_size,
+                            int pass, float* threshold_out) {
   __shared__ unsigned long long scan_scratch[32];
   __shared__ unsigned long long found_before[2], found_count[2];
   __shared__ uint32_t found_digit[2];
@@ -212,9 +212,9 @@ __device__ void pick(GroupState* st, unsigned long long* hist, const RankSpec& r
 
 // Add this block's shared histograms to the group's global one; the last block of the group picks.
 // `blocks_in_group`: how many blocks count keys of this group in this pass.
-__device__ void flush_and_pick(unsigned int (*sh)[kMaxBins], const Workspace& ws, int group, const PassView& v,
-                               unsigned int blocks_in_group, const RankSpec& rs, int64_t group_size,
-                               float* thresholds) {
+__device__ inline void flush_and_pick(unsigned int (*sh)[kMaxBins], const Workspace& ws, int group,
+                                      const PassView& v, unsigned int blocks_in_group, const RankSpec& rs,
+                                      int64_t group_size, float* thresholds) {
   __shared__ bool is_last;
   unsigned long long* hist = ws.hist + static_cast<int64_t>(group) * 2 * kMaxBins;
   __syncthreads();  // every count_key of this block is done
