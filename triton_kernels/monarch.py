@@ -9,17 +9,21 @@ extra outputs are not written).
 
 Kernels (each a 2-D `tl.dot` per block, fp32 accumulation; the 16-bit intermediate is rounded to
 the input dtype between the stages, as the reference's bmm does):
-- `_two_stage_kernel`: one program per (output block, token tile) computes its slice of the
+- `_two_stage_kernel`: one program per (token tile, output block) computes its slice of the
   intermediate on chip and multiplies it by the second factor at once. Forward (block li:
   x -> w1 rows -> w2[li] -> interleaved columns si·l + li, bias fused) and, mirrored, dX (block ki:
-  dy columns si·l + li -> w2[li] -> w1[ki] -> dx columns ki·p + pp).
+  dy of block li -> w2[li] -> w1[ki] -> dx columns ki·p + pp). One launch each.
 - `_two_stage_wgrad_kernel`: dW2 and dW1 as reductions over tokens, recomputing the
   intermediate (dW2) or the intermediate gradient (dW1) on chip, tile by tile.
 - `_gemm_kernel` / `_wgrad_kernel`: the single-stage versions for blocks too wide to keep a
-  whole output row of the block on chip (> 256): the intermediate goes through memory in
-  w2's column order (T, l, r).
+  whole block row on chip (> 256), or too many blocks (> 8: every fused program re-reads the
+  whole token row of the other side): the intermediate goes through memory once, in w2's
+  column order (T, l·r). `plan()` says which products use which.
+- `_deinterleave_kernel`: dy (columns si·l + li) into block order (li·s + si) once per
+  backward, so every backward load is contiguous.
 Weight gradients never use atomics: tokens are split into a fixed number of chunks, each
-writes an fp32 partial, and the partials are summed in a fixed order.
+writes an fp32 partial, and the partials are summed in a fixed order. Shapes the kernels do not
+serve (q % l != 0, float64, factors of 2^31+ elements) run the torch implementation, logged once.
 """
 
 from __future__ import annotations
@@ -40,16 +44,24 @@ from pysnell.ops.monarch.function import _torch_backward, _torch_forward
 MAX_ONCHIP = 256
 PATHS = ("auto", "fused", "split")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_path = os.environ.get("PYSNELL_MONARCH_PATH", "auto").strip().lower() or "auto"
+_path = "auto"
 
 
 def set_path(name: str) -> None:
-    """Kernel plan: "auto"/"fused" keep the intermediate on chip where the block fits (≤ 256 wide),
-    "split" always sends it through memory (for measurements)."""
+    """Kernel plan, for measurements: "auto" (see plan()), "fused" (on chip wherever the block
+    fits, whatever the number of blocks) or "split" (intermediate always through memory).
+    The environment variable PYSNELL_MONARCH_PATH sets the initial value."""
     global _path
     if name not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {name!r}")
+        raise ValueError(f"Monarch kernel path (PYSNELL_MONARCH_PATH) must be one of {PATHS}, got {name!r}")
     _path = name
+
+
+_env_path = os.environ.get("PYSNELL_MONARCH_PATH", "auto").strip().lower() or "auto"
+if _env_path in PATHS:
+    _path = _env_path
+else:  # a typo must not take the other Triton families down with this module
+    _backend.log.warning("pysnell: PYSNELL_MONARCH_PATH=%r is not one of %s; using 'auto'", _env_path, PATHS)
 
 
 @contextlib.contextmanager
