@@ -1,0 +1,362 @@
+"""One SNELL layer, forward + backward: pysnell's backends vs full fine-tuning, LoRA and the SNELL
+reference semantics (spec/SNELL.md, baselines in ANCHORS.md).
+
+Full (GPU): r = 8 and sparsity 0.9 at T=12608 tokens for 768→768, 768→3072, 3072→768 and at
+T=4096 for 4096→4096, 4096→11008, 11008→4096, in bf16 and fp32 (TF32 off); r = 32 at the two
+target shapes (T=12608 768→3072, T=4096 4096→11008) in bf16. Quick (CPU): two tiny fp32 layers,
+a few calls each: it proves the harness, nothing about speed.
+
+Providers (one group per case and dtype, baseline "full_ft"; every one is our own code):
+- full_ft: nn.Linear with W and b trainable (the three GEMMs of full fine-tuning);
+- lora: frozen W0, trainable A (r×in), B (out×r) in the activation dtype, y = xW0ᵀ + b + (xAᵀ)Bᵀ;
+- snell_ref_ckpt: the public code's semantics: cdist merge (default compute mode), threshold
+  torch.quantile(|ΔW|, s), S = ΔW·sg(|ΔW|)·[|ΔW| > t], a separate branch x·Sᵀ checkpointed (so
+  backward redoes the merge and the quantile). torch.quantile refuses more than 2^24 entries:
+  that case is an error row;
+- snell_topk_eager / snell_topk_compiled: the same branch with the threshold from torch.topk
+  (the two order statistics of the quantile rule, interpolated), eager and torch.compile'd (the
+  compiled one only at the two target shapes in bf16: compiling takes tens of seconds);
+- pysnell_<backend>: pysnell.functional.snell_linear (fused W0 + S, the sparsity a float64
+  device buffer as in SNELLLinear) with each backend that has "snell.layer_forward" here.
+Every provider's output and its trainable gradients are checked once against an fp32 oracle
+(pysnell's torch backend, or plain formulas for full FT / LoRA) before it is timed (row field
+"check"); a failed check is an error row, never timed. GPU rows of pysnell_triton also record how
+many kernels (and memsets) one forward and one backward launch ("launches_fwd", "launches_bwd").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import pysnell
+from pysnell import _backend
+from pysnell.functional import snell_linear
+from pysnell.ops.snell import function as snell_fn
+from pysnell.ops.snell import reference as ref
+from pysnell.ops.snell.reference import KernelParams, SnellSpec
+
+from . import harness
+
+OP = "snell_layer"
+BASELINE = "full_ft"
+SPARSITY = 0.9
+PIECES = 2
+SCALE = 0.1
+QUANTILE_MAX_NUMEL = 2**24
+# (tokens, in, out)
+FULL_SHAPES = [
+    (12608, 768, 768),
+    (12608, 768, 3072),
+    (12608, 3072, 768),
+    (4096, 4096, 4096),
+    (4096, 4096, 11008),
+    (4096, 11008, 4096),
+]
+TARGETS = {(12608, 768, 3072), (4096, 4096, 11008)}
+QUICK_SHAPES = [(16, 24, 20), (9, 19, 27)]
+# Tolerances of the one-off checks (relative RMSE against the fp32 oracle): outputs, gradients.
+TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (3e-2, 6e-2)}
+
+
+def _rel_rmse(got, want) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+class _Case:
+    """Inputs shared by the providers of one (shape, dtype, r)."""
+
+    def __init__(self, T, n, m, r, dtype, device):
+        d = r // PIECES
+        self.T, self.n, self.m, self.r, self.dtype, self.device = T, n, m, r, dtype, device
+        self.x = torch.randn(T, n, device=device, dtype=dtype).requires_grad_()
+        self.dy = torch.randn(T, m, device=device, dtype=dtype)
+        self.w0 = (torch.randn(m, n, device=device) / math.sqrt(n)).to(dtype)
+        self.b0 = (torch.randn(m, device=device) * 0.1).to(dtype)
+        # SNELL factors: the reference init, scaled up so that S is not negligible next to W0.
+        self.A = ((torch.rand(r, n, device=device) * 2 - 1) * 8 / math.sqrt(n * d)).requires_grad_()
+        self.B = ((torch.rand(m, r, device=device) * 2 - 1) * 8 / math.sqrt(m * d)).requires_grad_()
+        self.coeffs = ref.default_coeffs(PIECES, SCALE, device=device)
+        self.sparsity = torch.tensor(SPARSITY, dtype=torch.float64, device=device)  # a layer's buffer
+        self.numel = m * n
+
+
+def _fp32_snell_oracle(case):
+    """y, dx, dA, dB of the fused SNELL layer in fp32 (pysnell's torch backend, exact selection)."""
+    x = case.x.detach().float()
+    w0, b0 = case.w0.float(), case.b0.float()
+    A, B = case.A.detach(), case.B.detach()
+    one = torch.ones((), device=case.device)
+    params = KernelParams(case.coeffs, one, one, one)
+    spec = SnellSpec("piecewise", PIECES, "reference", 1)
+    y, t = snell_fn._torch_layer_forward(x, w0, b0, A, B, params, spec, case.sparsity)
+    needs = (True, False, False, True, True, False, False, False, False)
+    dx, _, _, dA, dB, *_ = snell_fn._torch_layer_backward(
+        case.dy.float(), x, w0, A, B, params, spec, case.sparsity, t, needs
+    )
+    return y, dx, dA, dB
+
+
+def _snell_branch_factory(case, threshold_fn):
+    """The reference's branch x·Sᵀ with S = ΔW·sg(|ΔW|)·[|ΔW| > t] (merge by cdist, default mode)."""
+    coeffs, s = case.coeffs, SPARSITY
+    d = case.r // PIECES
+
+    def branch(x, A, B):
+        delta = None
+        for p in range(PIECES):
+            dist = torch.cdist(B[:, p * d : (p + 1) * d].unsqueeze(0), A[p * d : (p + 1) * d].t().unsqueeze(0))[0]
+            term = coeffs[p] * dist
+            delta = term if delta is None else delta + term
+        mag = delta.detach().abs()
+        t = threshold_fn(mag, s)
+        S = delta * mag * (mag > t)
+        return F.linear(x, S.to(x.dtype))
+
+    return branch
+
+
+def _quantile_threshold(mag, s):
+    return torch.quantile(mag.flatten(), s)
+
+
+def _topk_threshold(mag, s):
+    """torch.quantile's linear rule from torch.topk: the order statistics at floor / ceil(s(N-1))."""
+    flat = mag.flatten()
+    n = flat.numel()
+    pos = s * (n - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    top = torch.topk(flat, n - lo).values  # descending: top[-1] is v[lo], top[-2] is v[lo + 1]
+    v_lo = top[-1]
+    v_hi = top[-2] if hi > lo else v_lo
+    return _lerp(v_lo, v_hi, pos - lo)
+
+
+def _lerp(a, b, w: float):
+    """reference.lerp's formula for a float weight."""
+    return a + w * (b - a) if w < 0.5 else b - (b - a) * (1.0 - w)
+
+
+def _reference_provider(case, threshold_fn, compiled=False):
+    branch = _snell_branch_factory(case, threshold_fn)
+    if compiled:
+        branch = torch.compile(branch)
+
+    def forward():
+        base = F.linear(case.x, case.w0, case.b0)
+        return base + checkpoint(branch, case.x, case.A, case.B, use_reentrant=False)
+
+    return forward, [case.x, case.A, case.B]
+
+
+def _pysnell_provider(case, backend):
+    """Forward only; the caller forces the backend around forward and backward."""
+
+    def forward():
+        return snell_linear(
+            case.x, case.w0, case.b0, case.A, case.B, sparsity=case.sparsity, kernel="piecewise",
+            pieces=PIECES, scale=SCALE, mode="reference",
+        )  # fmt: skip
+
+    return forward, [case.x, case.A, case.B]
+
+
+@contextlib.contextmanager
+def _forced_backend(name):
+    """pysnell's backend forced to `name` (None: leave it), restored afterwards."""
+    if name is None:
+        yield
+        return
+    before = pysnell.get_backend()
+    pysnell.set_backend(name)
+    try:
+        yield
+    finally:
+        pysnell.set_backend(before)
+
+
+def _full_ft_provider(case):
+    W = case.w0.detach().clone().requires_grad_()
+    b = case.b0.detach().clone().requires_grad_()
+
+    def forward():
+        return F.linear(case.x, W, b)
+
+    return forward, [case.x, W, b]
+
+
+def _lora_provider(case):
+    A = (case.A.detach() / 8).to(case.dtype).requires_grad_()
+    B = (case.B.detach() / 8).to(case.dtype).requires_grad_()
+
+    def forward():
+        return F.linear(case.x, case.w0, case.b0) + F.linear(F.linear(case.x, A), B)
+
+    return forward, [case.x, A, B]
+
+
+def _check(name, case, forward, leaves, oracle, backend) -> str:
+    """One forward + backward against the fp32 oracle: "ok: ..." or the reason it failed."""
+    tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
+    for t in leaves:
+        t.grad = None
+    with _forced_backend(backend):
+        y = forward()
+        y.backward(case.dy)
+        if backend is not None:
+            ran = (_backend.last_backend("snell.layer_forward"), _backend.last_backend("snell.layer_backward"))
+            if ran != (backend, backend):
+                return f"backend {backend} requested, {ran} ran"
+    if name == "full_ft":
+        W, b = leaves[1], leaves[2]
+        want = [F.linear(case.x.detach().float(), W.detach().float(), b.detach().float()),
+                case.dy.float() @ W.detach().float(), case.dy.float().t() @ case.x.detach().float()]  # fmt: skip
+        got = [y, case.x.grad, W.grad]
+    elif name == "lora":
+        A, B = leaves[1].detach().float(), leaves[2].detach().float()
+        x, dy = case.x.detach().float(), case.dy.float()
+        want = [F.linear(x, case.w0.float(), case.b0.float()) + x @ A.t() @ B.t(),
+                (dy @ B) @ A + dy @ case.w0.float(), B.t() @ dy.t() @ x]  # fmt: skip
+        got = [y, case.x.grad, leaves[1].grad]
+    else:
+        y_o, dx_o, dA_o, dB_o = oracle
+        want = [y_o, dx_o, dA_o, dB_o]
+        got = [y, case.x.grad, case.A.grad, case.B.grad]
+    errs = [_rel_rmse(g, w) for g, w in zip(got, want)]
+    for t in leaves:
+        t.grad = None
+    labels = ("y", "dx", "dA", "dB")
+    for i, err in enumerate(errs):
+        if not math.isfinite(err) or err > (tol_y if i == 0 else tol_g):
+            return f"{labels[i]} rel-RMSE {err:.2e} > {tol_y if i == 0 else tol_g:.0e}"
+    return "ok: rel-RMSE " + ", ".join(f"{labels[i]} {e:.1e}" for i, e in enumerate(errs))
+
+
+def _count_launches(fn, device) -> tuple[int, int]:
+    """(kernels, memsets) one call of fn launches on the GPU, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = memsets = 0
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        if "memset" in name:
+            memsets += 1
+        elif "memcpy" not in name:
+            kernels += 1
+    return kernels, memsets
+
+
+def _providers(case, full, cuda):
+    target = (case.T, case.n, case.m) in TARGETS
+    out = [("full_ft", lambda: _full_ft_provider(case)), ("lora", lambda: _lora_provider(case))]
+    if case.numel > QUANTILE_MAX_NUMEL:
+        out.append(("snell_ref_ckpt", None))
+    else:
+        out.append(("snell_ref_ckpt", lambda: _reference_provider(case, _quantile_threshold)))
+    out.append(("snell_topk_eager", lambda: _reference_provider(case, _topk_threshold)))
+    if full and cuda and target and case.dtype == torch.bfloat16 and case.r == 8:
+        out.append(("snell_topk_compiled", lambda: _reference_provider(case, _topk_threshold, compiled=True)))
+    for backend in ("torch", "triton", "cuda"):
+        if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
+            out.append((f"pysnell_{backend}", lambda b=backend: _pysnell_provider(case, b)))
+    return out
+
+
+def _bench_case(T, n, m, r, dtype, device, full, notes):
+    cuda = torch.device(device).type == "cuda"
+    case = _Case(T, n, m, r, dtype, device)
+    oracle = _fp32_snell_oracle(case)
+    label = f"T{T}-{n}x{m}-r{r}"
+    ident = {"op": OP, "case": label, "baseline": BASELINE, "dtype": dtype, "device": device, "pass_": "fwd+bwd"}
+    extra = {"size": m * n, "tokens": T, "in_features": n, "out_features": m, "r": r, "sparsity": SPARSITY}
+    reps, warmup = (10, 3) if full else (3, 1)
+    rows = []
+    for name, make in _providers(case, full, cuda):
+        if make is None:
+            rows.append(
+                harness.error_row(f"torch.quantile refuses {case.numel} > 2^24 entries", provider=name, **ident)
+            )
+            rows[-1].update(extra)
+            continue
+        backend = name[len("pysnell_") :] if name.startswith("pysnell_") else None
+        try:
+            forward, leaves = make()
+            check = _check(name, case, forward, leaves, oracle, backend)
+            if not check.startswith("ok"):
+                rows.append(harness.error_row(f"check failed: {check}", provider=name, **ident))
+                rows[-1].update(extra)
+                continue
+
+            def step(forward=forward, backend=backend):
+                with _forced_backend(backend):
+                    forward().backward(case.dy)
+
+            row = harness.measure(
+                step, provider=name, warmup=warmup, reps=reps, grad_to_none=leaves, check=check, **ident, **extra
+            )
+            if cuda and name == "pysnell_triton":
+                with _forced_backend(backend):
+                    fwd_k, fwd_m = _count_launches(forward, device)
+                    y = forward()
+                    bwd_k, bwd_m = _count_launches(functools.partial(y.backward, case.dy), device)
+                row.update(launches_fwd=fwd_k, memsets_fwd=fwd_m, launches_bwd=bwd_k, memsets_bwd=bwd_m)
+            rows.append(row)
+        except torch.OutOfMemoryError as exc:
+            rows.append(harness.error_row(exc, provider=name, **ident))
+            rows[-1].update(extra)
+        except Exception as exc:  # noqa: BLE001 - one provider's failure is a row, the rest still run
+            if type(exc).__name__ == "ModuleTimeout":
+                raise
+            rows.append(harness.error_row(exc, provider=name, **ident))
+            rows[-1].update(extra)
+            notes.append(f"snell: {name} {label} {dtype}: {type(exc).__name__}: {exc}"[:300])
+        finally:
+            for t in (case.x, case.A, case.B):
+                t.grad = None
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _plan(full, cuda):
+    """(T, in, out, r, dtype), most important first: a run cut short keeps the target shapes."""
+    if not full:
+        return [(T, n, m, 8, torch.float32) for T, n, m in QUICK_SHAPES]
+    plan = [(T, n, m, 8, torch.bfloat16) for T, n, m in FULL_SHAPES if (T, n, m) in TARGETS]
+    plan += [(T, n, m, 8, torch.bfloat16) for T, n, m in FULL_SHAPES if (T, n, m) not in TARGETS]
+    plan += [(T, n, m, 32, torch.bfloat16) for T, n, m in FULL_SHAPES if (T, n, m) in TARGETS]
+    plan += [(T, n, m, 8, torch.float32) for T, n, m in FULL_SHAPES]
+    return plan
+
+
+def run(full: bool, device: str, notes: list | None = None) -> list[dict]:
+    notes = notes if notes is not None else []
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows mean fp32
+        torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    try:
+        for T, n, m, r, dtype in _plan(full, cuda):
+            rows.extend(_bench_case(T, n, m, r, dtype, device, full, notes))
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    except Exception as exc:  # keep what finished when the runner's time limit strikes
+        if type(exc).__name__ != "ModuleTimeout":
+            raise
+        notes.append(f"snell: stopped early ({exc}); {len(rows)} rows kept")
+    return rows
