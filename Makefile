@@ -6,6 +6,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pysnell-installed
+# The peft bridge is tested against the lowest supported peft and one release below the range (which must
+# refuse cleanly), each installed beside the venv's own (highest supported) peft with pip --target.
+PEFT_LOWEST ?= 0.21.0
+PEFT_BELOW ?= 0.20.0
+PEFT_DIRS := $(VENV)/peft-$(PEFT_LOWEST)/peft $(VENV)/peft-$(PEFT_BELOW)/peft
 
 .PHONY: test demo demo-real lint format bench gpu clean
 
@@ -15,16 +20,22 @@ $(STAMP): pyproject.toml setup.py
 	  else $(PYTHON) -m venv $(VENV); fi; \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,peft]"
+	$(PY) -m pip install -q -e ".[test,bench,peft,real]"
 	@touch $(STAMP)
 
-test: $(STAMP)
+$(VENV)/peft-%/peft: $(STAMP)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/peft-$* "peft==$*"
+
+test: $(STAMP) $(PEFT_DIRS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m pysnell.demo
+
+demo-real: $(STAMP)
+	$(PY) -m pysnell.demo_real
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
