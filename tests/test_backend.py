@@ -1,0 +1,88 @@
+"""Backend selection API: set/get/last, PYSNELL_BACKEND, forced backends falling back on CPU."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pysnell
+from pysnell import _backend
+
+
+def test_set_and_get_backend(backend):
+    for name in ("torch", "triton", "cuda", "auto"):
+        pysnell.set_backend(name)
+        assert pysnell.get_backend() == name
+    pysnell.set_backend("TORCH")
+    assert pysnell.get_backend() == "torch"
+
+
+@pytest.mark.parametrize("bad", ["tpu", "", "cpu", None, 3])
+def test_unknown_backend_name_errors(backend, bad):
+    before = pysnell.get_backend()
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'triton', 'torch'\)"):
+        pysnell.set_backend(bad)
+    assert pysnell.get_backend() == before
+
+
+def test_last_backend_reports_the_backend_that_ran(backend, seed):
+    pysnell.set_backend("torch")
+    pysnell.sparsify(torch.randn(5, 6), 0.5)
+    assert pysnell.last_backend("topk.threshold") == "torch"
+    layer = pysnell.SNELLLinear(torch.nn.Linear(6, 4), r=2)
+    layer(torch.randn(3, 6)).sum().backward()
+    assert pysnell.last_backend("snell.layer_forward") == "torch"
+    assert pysnell.last_backend("snell.layer_backward") == "torch"
+    everything = pysnell.last_backend()
+    assert isinstance(everything, dict) and everything["snell.layer_forward"] == "torch"
+    assert pysnell.last_backend("no.such.op") is None
+
+
+def test_environment_variable_is_validated(monkeypatch):
+    for value, expected in (("torch", "torch"), (" Triton ", "triton"), ("", "auto"), ("AUTO", "auto")):
+        monkeypatch.setenv("PYSNELL_BACKEND", value)
+        assert _backend._env_backend() == expected
+    monkeypatch.delenv("PYSNELL_BACKEND")
+    assert _backend._env_backend() == "auto"
+    monkeypatch.setenv("PYSNELL_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=r"PYSNELL_BACKEND must be one of .*'gpu'"):
+        _backend._env_backend()
+
+
+def test_environment_variable_at_import():
+    # an invalid value stops the import with a clear message (valid values: the test above, in process)
+    env = dict(os.environ, PYSNELL_BACKEND="bogus")
+    done = subprocess.run(
+        [sys.executable, "-c", "import pysnell"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0 and "PYSNELL_BACKEND must be one of" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("forced", ["triton", "cuda"])
+def test_forced_backend_without_kernels_falls_back_with_one_warning(backend, monkeypatch, caplog, seed, forced):
+    # CPU tensors without the Triton interpreter: neither triton nor cuda can run them.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backend, "_warned", set())
+    pysnell.set_backend(forced)
+    delta = torch.randn(7, 9)
+    expected = torch.where(delta.abs() > torch.quantile(delta.abs().reshape(-1), 0.5), delta * delta.abs(), 0.0)
+    with caplog.at_level(logging.WARNING, logger="pysnell"):
+        for _ in range(3):
+            out = pysnell.sparsify(delta, 0.5)
+            torch.testing.assert_close(out, expected)
+            assert pysnell.last_backend("topk.threshold") == "torch"
+    records = [r for r in caplog.records if "topk.threshold" in r.getMessage()]
+    assert len(records) == 1, [r.getMessage() for r in caplog.records]
+    message = records[0].getMessage()
+    assert f"from {forced} to torch" in message
+    assert pysnell.get_backend() == forced  # the request stays; only this call fell back
+
+
+def test_pick_without_any_implementation_errors(backend):
+    with pytest.raises(RuntimeError, match="no implementation of no.such.op"):
+        _backend.pick("no.such.op", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        _backend.register("snell.merge", "numpy", lambda *a: None)
