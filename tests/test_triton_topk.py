@@ -10,7 +10,13 @@ when the sample misses or the window overflows. GPU tests (marked) cover bf16/fp
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +73,16 @@ def _config(monkeypatch, **changes):
 
 # Tiny tiles and a tiny sample: the sample path, multi-program rounds and multi-chunk tie prefixes
 # on a few thousand elements.
-SMALL = dict(block=128, mask_block=128, full_tiles_per_program=2, sample_min_numel=512, sample_min=64, sample_max=128)
+SMALL = dict(
+    round_block=128,
+    compact_block=128,
+    mask_block=128,
+    kmode_mask_block=64,
+    max_programs=3,
+    sample_min_numel=512,
+    sample_min=64,
+    sample_max=128,
+)
 
 
 def _expected(x, sparsity=None, k=None):
@@ -190,11 +205,17 @@ def test_window_overflow_falls_back_to_full_row(seed, monkeypatch, triton_backen
 
 @cpu_only
 def test_full_row_rounds_hand_over_to_candidates(seed, monkeypatch, triton_backend, poisoned, traces):
-    # 1000 keys in 16 tiles of 64, 4 tiles per program: 4 programs read the full row, but the 280
-    # keys of the binade [1, 2) fill 5 candidate tiles. Round 2 copies them and hands over to the
-    # candidates; its 5th program is idle. (On a GPU it may start after the hand-over: the launch
-    # stamp keeps it out of the next round's work; the interpreter runs programs in order.)
-    _config(monkeypatch, block=64, mask_block=64, full_tiles_per_program=4, cand_dedicated_max=300)
+    # 1000 keys in 16 tiles of 64 read by 4 programs; 300 candidate slots. Round 1 (the whole key
+    # range) overflows them; round 2 copies the 280 keys of the binade [1, 2) and hands over.
+    _config(
+        monkeypatch,
+        round_block=64,
+        compact_block=64,
+        mask_block=64,
+        kmode_mask_block=64,
+        max_programs=4,
+        cand_dedicated_max=300,
+    )
     parts = (torch.rand(360) * 0.9 + 0.05, 1.0 + torch.rand(280) * 0.99, 2.0 + torch.rand(360) * 1.9)
     x = torch.cat(parts)[torch.randperm(1000)] * torch.where(torch.rand(1000) < 0.5, -1.0, 1.0)
     _check_mask(x, sparsity=random.Random(seed).uniform(0.37, 0.63))
@@ -261,6 +282,76 @@ def test_non_contiguous_input_is_masked_in_place(seed, triton_backend):
 def test_threshold_rejects_a_non_matrix(triton_backend):
     with pytest.raises(ValueError, match="x2d must be 2-D"):
         tk.topk_threshold(torch.randn(5), 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sm_90 compilation without a GPU: the interpreter accepts code that a GPU compiler may refuse.
+
+_AOT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, tempfile
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    import triton.runtime.jit as jit
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class CompileOnly:  # targets sm_90, never launches
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(CompileOnly())
+    compiled = {}
+    run = jit.JITFunction.run
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled[(self.fn.__name__, kernel.hash)] = kernel
+        return kernel
+    jit.JITFunction.run = compile_only
+    import pysnell.triton_kernels.topk as tk
+    # The host code as a GPU runs it (GPU launch config), on CPU tensors nothing reads.
+    # Every kernel once (6 compilations): the sample path on an fp32 row divisible by 16, and
+    # k-mode (tie counts) on a short bf16 row of odd length (full-row rounds only).
+    tk.topk_mask_(torch.empty(4096 * 1024), 0.9, None, True)
+    tk.topk_mask_(torch.empty(1001, dtype=torch.bfloat16), None, 123, True)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    report = []
+    for (name, _), k in compiled.items():
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        usage = dict(kv.split(":") for kv in [l for l in res.splitlines() if "REG:" in l][0].split() if ":" in kv)
+        report.append(dict(kernel=name, regs=int(usage["REG"]), stack=int(usage["STACK"]), smem=k.metadata.shared,
+                           vector_loads="ld.global.v4" in k.asm["ptx"]))
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+@cpu_only
+def test_kernels_compile_for_sm90():
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump").exists():
+        pytest.skip("this Triton has no NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernels = {r["kernel"] for r in report}
+    assert kernels == {"_round_kernel", "_compact_kernel", "_tie_count_kernel", "_mask_kernel"}, kernels
+    for r in report:
+        assert r["stack"] == 0, f"register spills: {r}"
+        if r["kernel"] == "_compact_kernel":  # the full-row pass: 2 programs of 256 threads per SM
+            assert r["regs"] <= 128, r
+    # the aligned fp32 row streams with 16-byte loads in the passes over the whole tensor
+    assert any(r["vector_loads"] for r in report if r["kernel"] == "_compact_kernel"), report
+    assert any(r["vector_loads"] for r in report if r["kernel"] == "_mask_kernel"), report
 
 
 # ---------------------------------------------------------------------------------------------------

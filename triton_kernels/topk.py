@@ -86,10 +86,13 @@ _HIST_ROUNDS = 4  # 31 key bits, 8 per round
 class Config:
     """Launch and algorithm parameters (tests shrink them to reach every path on tiny inputs)."""
 
-    block: int  # elements per tile in rounds and compaction (power of two, >= 256... or less in tests)
-    full_tiles_per_program: int  # full-row tiles per program in rounds and compaction
-    mask_block: int  # elements per tile in the tie and mask passes (multiple of 8)
+    round_block: int  # elements per tile in the histogram rounds (power of two)
+    compact_block: int  # elements per tile in the compaction pass (power of two, >= 16)
+    mask_block: int  # elements per tile of the masking pass, quantile mode (power of two, >= 16)
+    kmode_mask_block: int  # the same in k-mode (its tie prefix sum needs more registers)
     num_warps: int
+    max_programs: int | None = None  # programs of the persistent kernels; None: programs_per_sm per SM
+    programs_per_sm: int = 2
     sample_min_numel: int = 1 << 21  # rows this long start with sample rounds
     sample_min: int = 1 << 14
     sample_max: int = 1 << 18
@@ -102,8 +105,10 @@ class Config:
 
 def _default_config() -> Config:
     if _backend.triton_interpret():
-        return Config(block=1024, full_tiles_per_program=1, mask_block=1024, num_warps=4)
-    return Config(block=4096, full_tiles_per_program=4, mask_block=4096, num_warps=8)
+        return Config(
+            round_block=1024, compact_block=1024, mask_block=1024, kmode_mask_block=1024, num_warps=4, max_programs=2
+        )
+    return Config(round_block=1024, compact_block=4096, mask_block=4096, kmode_mask_block=1024, num_warps=8)
 
 
 config = _default_config()
@@ -266,9 +271,10 @@ def _round_kernel(
     SAMPLE_ROUNDS: tl.constexpr,
     SAMPLE_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
-    TPP: tl.constexpr,
 ):
+    """One histogram round (persistent: each program strides over the tiles of the round's source)."""
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     g = tl.program_id(1)
     st = state_ptr + g * STATE_STRIDE
     t_ptr = t_ptr + g
@@ -286,14 +292,13 @@ def _round_kernel(
     phase = tl.where(fresh, FIRST_PHASE, phase)
     stamp = tl.cast(launch, tl.int64) << 8
     ncand = tl.minimum(tl.load(st + F_NCAND), cap64)
-    # Tiles and tiles per program of this round's source.
+    # Tiles of this round's source; programs beyond them take no part (and no ticket).
     n_tiles = tl.where(
         phase == PH_SAMPLE,
         tl.cdiv(tl.cast(n_sample, tl.int64), BLOCK),
         tl.where(phase == PH_CAND, tl.cdiv(ncand, BLOCK), tl.cast(tiles_full, tl.int64)),
     )
-    tpp = tl.where(phase == PH_FULL, TPP, 1)
-    n_active = tl.cdiv(n_tiles, tpp)
+    n_active = tl.minimum(n_tiles, nprog)
     active = ((phase == PH_SAMPLE) | (phase == PH_FULL) | (phase == PH_CAND)) & (pid < n_active)
     if active:
         wlo = tl.load(st + F_WLO)
@@ -307,30 +312,30 @@ def _round_kernel(
         hist = tl.zeros([NBINS], dtype=tl.int32)
         below = tl.zeros([BLOCK], dtype=tl.int32)
         min_above = tl.full([BLOCK], NONE_ABOVE, dtype=tl.int32)
-        for j in tl.static_range(TPP):
-            tile = pid.to(tl.int64) * tpp + j
-            if (j < tpp) & (tile < n_tiles):
-                if phase == PH_FULL:
-                    key, valid = _row_tile_keys(row, tile, n64, offs, BLOCK)
+        tile = pid.to(tl.int64)
+        while tile < n_tiles:  # a while loop: runtime bounds that the interpreter accepts too
+            if phase == PH_FULL:
+                key, valid = _row_tile_keys(row, tile, n64, offs, BLOCK)
+            else:
+                start = tile * BLOCK
+                if phase == PH_CAND:
+                    valid = offs < tl.minimum(ncand - start, BLOCK).to(tl.int32)
+                    key = tl.load(cands + start + offs, mask=valid, other=0)
                 else:
-                    start = tile * BLOCK
-                    if phase == PH_CAND:
-                        valid = offs < tl.minimum(ncand - start, BLOCK).to(tl.int32)
-                        key = tl.load(cands + start + offs, mask=valid, other=0)
-                    else:
-                        # Stratified sample: one pseudo-random position in each stride of the row.
-                        idx = start + offs
-                        valid = idx < tl.cast(n_sample, tl.int64)
-                        stride = tl.cast(sample_stride, tl.int64)
-                        pos = idx * stride + ((idx * 2654435761) & 0xFFFFFFFF) % stride
-                        key = _magnitude_key(tl.load(row + pos, mask=valid, other=0))
-                inside = valid & (key >= wlo32) & (key <= whi32)
-                bins = tl.where(inside, (key - wlo32) >> shift32, 0)
-                hist += tl.histogram(bins, NBINS, mask=inside)
-                below += (valid & (key < wlo32)).to(tl.int32)
-                min_above = tl.minimum(min_above, tl.where(valid & (key > whi32), key, NONE_ABOVE))
-                if phase == PH_FULL:
-                    _append_candidates(st, cands, cap64, key, inside)
+                    # Stratified sample: one pseudo-random position in each stride of the row.
+                    idx = start + offs
+                    valid = idx < tl.cast(n_sample, tl.int64)
+                    stride = tl.cast(sample_stride, tl.int64)
+                    pos = idx * stride + ((idx * 2654435761) & 0xFFFFFFFF) % stride
+                    key = _magnitude_key(tl.load(row + pos, mask=valid, other=0))
+            inside = valid & (key >= wlo32) & (key <= whi32)
+            bins = tl.where(inside, (key - wlo32) >> shift32, 0)
+            hist += tl.histogram(bins, NBINS, mask=inside)
+            below += (valid & (key < wlo32)).to(tl.int32)
+            min_above = tl.minimum(min_above, tl.where(valid & (key > whi32), key, NONE_ABOVE))
+            if phase == PH_FULL:
+                _append_candidates(st, cands, cap64, key, inside)
+            tile += nprog
         bins_offs = tl.arange(0, NBINS)
         tl.atomic_add(st + F_HIST + bins_offs, hist.to(tl.int64), mask=hist > 0, sem="relaxed")
         n_below = tl.sum(below, 0)
@@ -479,12 +484,12 @@ def _compact_kernel(
     MODE: tl.constexpr,
     S_IS_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
-    TPP: tl.constexpr,
 ):
     """One pass over each row: count the keys below the sample's window exactly and copy the keys
     inside it to the candidate buffer. Tiles are [BLOCK/16, 16]: the slot prefix sum then runs along
     rows of 16 plus one short scan of row totals, far cheaper than a 1-D scan of BLOCK lanes."""
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     g = tl.program_id(1)
     st = state_ptr + g * STATE_STRIDE
     n64 = tl.cast(n, tl.int64)
@@ -494,7 +499,8 @@ def _compact_kernel(
     word = tl.load(st + F_PHASE)
     phase = tl.where((word >> 8) < launch, word & 0xFF, PH_DONE)
     stamp = tl.cast(launch, tl.int64) << 8
-    n_active = tl.cdiv(tl.cast(tiles_full, tl.int64), TPP)
+    n_tiles = tl.cast(tiles_full, tl.int64)
+    n_active = tl.minimum(n_tiles, nprog)
     if (phase == PH_COMPACT) & (pid < n_active):
         wlo = tl.load(st + F_WLO)
         whi = tl.load(st + F_WHI)
@@ -503,17 +509,17 @@ def _compact_kernel(
         ROWS: tl.constexpr = BLOCK // 16
         offs = tl.arange(0, ROWS)[:, None] * 16 + tl.arange(0, 16)[None, :]
         n_below = tl.zeros([], dtype=tl.int64)
-        # The next tile's load is issued before this tile's slot atomic: memory stays busy.
-        start = pid.to(tl.int64) * (TPP * BLOCK)
-        valid_next = _tile_valid(start, n64, offs, BLOCK)
-        v_next = tl.load(row + start + offs, mask=valid_next, other=0)
-        for j in tl.static_range(TPP):
+        # Persistent: the program strides over the tiles, and the next tile's load is issued
+        # before this tile's slot atomic, so memory stays busy while the atomic returns.
+        tile = pid.to(tl.int64)
+        valid_next = _tile_valid(tile * BLOCK, n64, offs, BLOCK)
+        v_next = tl.load(row + tile * BLOCK + offs, mask=valid_next, other=0)
+        while tile < n_tiles:
             v = v_next
             valid = valid_next
-            if j + 1 < TPP:
-                start_next = start + (j + 1) * BLOCK
-                valid_next = _tile_valid(start_next, n64, offs, BLOCK)
-                v_next = tl.load(row + start_next + offs, mask=valid_next, other=0)
+            tile += nprog
+            valid_next = _tile_valid(tile * BLOCK, n64, offs, BLOCK)  # no lanes past the end
+            v_next = tl.load(row + tile * BLOCK + offs, mask=valid_next, other=0)
             key = _magnitude_key(v)
             # wlo <= key <= whi as one unsigned compare
             inside = valid & ((key - wlo32).to(tl.uint32, bitcast=True) <= span)
@@ -577,10 +583,10 @@ def _tie_count_kernel(x_ptr, state_ptr, t_ptr, counts_ptr, n, n_chunks, BLOCK: t
     count = tl.zeros([], dtype=tl.int64)
     if partial != 0:
         t = tl.load(t_ptr)
-        offs = tl.arange(0, BLOCK)
+        offs = tl.arange(0, BLOCK // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
         for j in tl.static_range(TPC):
             _, valid, v = _row_tile(x_ptr, chunk.to(tl.int64) * TPC + j, n64, offs, BLOCK)
-            count += tl.sum((valid & (_magnitude(v) == t)).to(tl.int32), 0).to(tl.int64)
+            count += tl.sum(tl.sum((valid & (_magnitude(v) == t)).to(tl.int32), 1), 0).to(tl.int64)
     tl.store(counts_ptr + chunk, count)
 
 
@@ -602,12 +608,13 @@ def _mask_kernel(
     BLOCK: tl.constexpr,
     TPC: tl.constexpr,
 ):
-    """Zero x in place where the entry is not kept; write the packed mask when asked."""
+    """Zero x in place where the entry is not kept; write the packed mask when asked. Tiles are
+    [BLOCK/16, 16] (a cheap tie prefix sum, as in the compaction pass)."""
     # Last chunk first: the end of x is what the compaction pass left in L2.
     chunk = tl.cast(n_chunks, tl.int64) - 1 - tl.program_id(0)
     n64 = tl.cast(n, tl.int64)
     t = tl.load(t_ptr)
-    offs = tl.arange(0, BLOCK)
+    offs = tl.arange(0, BLOCK // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
     if MODE == QUANTILE:
         # Sparsity 0 keeps everything, NaN (ranked -1) included: compare against -inf then.
         t = tl.where(_sparsity(s_ptr, s_bits, S_IS_PTR) == 0.0, float("-inf"), t)
@@ -629,10 +636,12 @@ def _mask_kernel(
         if MODE == KMODE:
             tie = valid & (mag == t)
             if partial:
+                # Rank of each tie in flat order: earlier chunks, earlier rows, earlier lanes.
                 ties = tie.to(tl.int32)
-                rank = running + (tl.cumsum(ties, 0) - 1)
+                row_ties = tl.sum(ties, 1)
+                rank = running + (tl.cumsum(row_ties, 0) - row_ties)[:, None] + (tl.cumsum(ties, 1) - 1)
                 keep = keep | (tie & (rank < need))
-                running += tl.sum(ties, 0)
+                running += tl.sum(row_ties, 0)
             else:
                 keep = keep | tie
         keep = keep & valid
@@ -663,6 +672,20 @@ def _sparsity_args(sparsity, device):
     return None, struct.unpack("<q", struct.pack("<d", float(sparsity)))[0]
 
 
+_sm_counts: dict = {}
+
+
+def _max_programs(device: torch.device, cfg: Config) -> int:
+    if cfg.max_programs is not None:
+        return cfg.max_programs
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index] * cfg.programs_per_sm
+
+
 def _sample_size(n: int, cfg: Config) -> int:
     return max(cfg.sample_min, min(cfg.sample_max, n >> 4))
 
@@ -689,12 +712,14 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
     s_tensor, s_bits = _sparsity_args(sparsity, device) if mode == QUANTILE else (None, 0)
     s_ptr = s_tensor if s_tensor is not None else state
     cap = cand.numel() // groups
-    block, tpp = cfg.block, cfg.full_tiles_per_program
+    block = cfg.round_block
     tiles_full = triton.cdiv(n, block)
+    max_programs = _max_programs(device, cfg)
     use_sample = n >= cfg.sample_min_numel
     n_sample = _sample_size(n, cfg) if use_sample else 0
     stride = max(n // n_sample, 1) if use_sample else 1
-    programs = max(triton.cdiv(tiles_full, tpp), triton.cdiv(cap, block), triton.cdiv(n_sample, block), 1)
+    # Persistent grids: enough programs for the largest source a round may read, at most max_programs.
+    programs = min(max(tiles_full, triton.cdiv(cap, block), triton.cdiv(n_sample, block), 1), max_programs)
     s_is_ptr = s_tensor is not None
     round_meta = dict(
         FIRST_PHASE=(PH_SAMPLE if use_sample else PH_FULL).value,
@@ -703,7 +728,6 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
         SAMPLE_ROUNDS=cfg.sample_rounds,
         SAMPLE_PAD=cfg.sample_pad,
         BLOCK=block,
-        TPP=tpp,
         num_warps=cfg.num_warps,
         enable_fp_fusion=False,  # the lerp must not become an FMA
     )
@@ -715,7 +739,8 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
         for _ in range(cfg.sample_rounds):
             _round_kernel[round_grid](rows, cand, state, t_out, s_ptr, s_bits, launch, *tail, **round_meta)
             launch += 1
-        _compact_kernel[(triton.cdiv(tiles_full, tpp), groups)](
+        compact_tiles = triton.cdiv(n, cfg.compact_block)
+        _compact_kernel[(min(compact_tiles, max_programs), groups)](
             rows,
             cand,
             state,
@@ -725,11 +750,10 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
             n,
             k,
             cap,
-            tiles_full,
+            compact_tiles,
             MODE=mode,
             S_IS_PTR=s_is_ptr,
-            BLOCK=block,
-            TPP=tpp,
+            BLOCK=cfg.compact_block,
             num_warps=cfg.num_warps,
         )
         launch += 1
@@ -793,14 +817,15 @@ def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
     k_val = int(k) if k is not None else 0
     state, s_tensor, s_bits = _select(flat, 1, n, mode, k_val, sparsity, t_out, cand, cfg)
     del cand  # its storage may be the packed mask, written below
-    block = cfg.mask_block
+    block = cfg.kmode_mask_block if mode == KMODE.value else cfg.mask_block
+    warps = max(1, min(cfg.num_warps, block // 256))  # 8+ elements per thread
     tiles = triton.cdiv(n, block)
     if mode == KMODE.value:
         tpc = triton.next_power_of_2(triton.cdiv(tiles, cfg.max_tie_chunks))
         n_chunks = triton.cdiv(tiles, tpc)
         tie_counts = _empty(n_chunks, dtype=torch.int64, device=device)
         _tie_count_kernel[(n_chunks,)](
-            flat, state, t_out, tie_counts, n, n_chunks, BLOCK=block, TPC=tpc, num_warps=cfg.num_warps
+            flat, state, t_out, tie_counts, n, n_chunks, BLOCK=block, TPC=tpc, num_warps=warps
         )
         tie_incl = torch.cumsum(tie_counts, 0)
     else:
@@ -822,7 +847,7 @@ def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
         WANT_PACKED=want_packed,
         BLOCK=block,
         TPC=tpc,
-        num_warps=cfg.num_warps,
+        num_warps=warps,
     )
     if work is not x:
         x.copy_(work)
