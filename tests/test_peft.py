@@ -290,3 +290,17 @@ def test_warnings_are_not_errors_in_normal_use(seed):
         warnings.simplefilter("error")
         model = peft.get_peft_model(base, _config())
         model(torch.randn(2, 10)).sum().backward()
+
+
+def test_peft_snell_model_compiles_without_graph_breaks(seed):
+    base, _ = _pair()
+    model = peft.get_peft_model(base, _config(kernel="sigmoid"))
+    x = torch.randn(4, 10)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(model(x).square().sum(), params)
+    got = torch.autograd.grad(compiled(x).square().sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
