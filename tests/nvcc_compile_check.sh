@@ -39,7 +39,7 @@ compile_one() {
   obj="$out/$(basename "$src").o"
   start=$(date +%s)
   # torch's extension builds add these (no implicit half/bf16 conversions): compile as they will
-  if "$NVCC" -std=c++17 -O3 -Icsrc -c "$src" -o "$obj" \
+  if "$NVCC" -std=c++17 -O3 -Icsrc -Xcompiler -fPIC -c "$src" -o "$obj" \
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
     -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a 2>"$obj.log"; then
@@ -54,6 +54,10 @@ compile_one() {
 export -f compile_one
 : "${ARCH_FLAGS[@]}"  # documented above; compile_one spells them out (arrays do not cross xargs)
 printf '%s\n' "${kernels[@]}" | xargs -P "${NVCC_JOBS:-$(nproc)}" -I{} bash -c 'compile_one "$1"' _ {}
+# Link the objects together, as the extension does: catches symbols defined in a header that several
+# .cu files include (a "multiple definition" that only shows at link time on the GPU machine).
+"$NVCC" -shared "$out"/*.o -o "$out/pysnell_kernels.so"
+echo "  ok   link of ${#kernels[@]} objects"
 
 if [ "${PYSNELL_CHECK_BINDING:-0}" = "1" ]; then
   PY="${PYTHON:-.venv/bin/python}"
