@@ -6,27 +6,29 @@ Ranking key. Every element maps to a uint31 key that orders exactly like the ref
 ranking key (|x| in fp32, NaN as -1): NaN -> 0, otherwise bits(|x| as fp32) + 1. Storage dtype does
 not matter (fp32/bf16/fp16/fp64 are converted to fp32 right after the load).
 
-Selection (no host synchronisation; every decision is taken on the device):
-1. Sample rounds (tensors >= `sample_min_numel`): a 256-bin histogram of a fixed, stratified sample
-   narrows a key window that holds the target rank of the sample with a ~5-sigma margin.
-2. One compaction pass over the whole row: counts the keys below the window exactly and copies the
-   keys inside it to a candidate buffer (it lives in the packed-mask buffer, numel/32 slots).
+Selection (no host synchronisation: every decision is taken on the device, by the last program
+of a launch, which sees what all programs added with atomics; a ticket counter tells it that it is
+the last):
+1. Sample rounds (rows of >= `sample_min_numel`): 256-bin histograms of a fixed, stratified sample
+   (up to 2^18 keys) narrow a key window to the target's sample rank +- ~5 standard deviations.
+2. One pass over the row: the exact count of keys below the window, and the window's keys copied
+   to a candidate buffer (numel/32 slots, in the packed-mask buffer's storage when there is one).
 3. Histogram rounds (256 bins = 8 bits of the key per round) on the candidates narrow the window to
-   the exact order statistic; a round also finds the smallest key above its window, which is the
-   upper order statistic when it falls just outside. If the sample missed (or the window holds more
-   keys than the buffer), the same rounds run on the full row instead: 4 rounds cover the 31 bits.
-   Small tensors skip steps 1-2 and start here on the full row.
-Each round is one launch; its last program (a ticket counter) merges nothing itself but reads the
-global histogram that all programs added to with atomics and writes the next round's window.
-Launches are fixed in number; rounds that are not needed exit at once.
-4. The threshold is torch.quantile's linear interpolation, computed with the reference's lerp
-   formula (launched with fp fusion off, so no FMA changes a bit). k-mode breaks ties at the k-th
-   largest key in flat-index order: per-chunk tie counts and their prefix sum (only when the ties
-   are not all kept), then one pass that zeroes x in place and writes the packed mask.
+   the exact order statistics. If the sample missed, or the window holds more keys than the buffer,
+   the same rounds read the full row instead (31 key bits: 4 rounds). Small rows start here.
+   A round also finds the smallest key above its window: the upper order statistic when it is not
+   in the last window.
+4. The threshold is torch.quantile's linear interpolation, with reference.lerp's formula (launched
+   without fp fusion: no FMA changes a bit). k-mode keeps the ties at the k-th largest key in
+   flat-index order: per-chunk tie counts and their prefix sum, only when the ties are not all kept.
+5. One pass zeroes x in place and writes the packed mask.
+The number of launches is fixed (rounds that are not needed exit at once); the round and
+compaction kernels are persistent (about 2 programs per SM, grid-stride `while` loops). Each launch
+stamps the state it writes, so a program that starts late never acts on its own launch's output.
 
-Extra device memory: a 9 KiB state block per call, a candidate buffer of max(numel/8 bytes,
-<= 480 KiB) that shares storage with the packed mask when that is asked for, and in k-mode two
-tie arrays of at most 256 KiB each: at most 1 MiB + numel/8 bytes.
+Extra device memory: a 2.3 KiB state block per row, the candidate buffer (numel/8 bytes, shared
+with the packed mask when one is asked for; a buffer of <= 480 KiB of its own when that is larger),
+and in k-mode two arrays of <= 32768 chunk counts: at most 1 MiB + numel/8 bytes in all.
 """
 
 from __future__ import annotations
@@ -180,31 +182,24 @@ def _none_minus(v):
 
 
 @triton.jit
-def _sparsity(s_ptr, s_bits, S_IS_PTR: tl.constexpr):
-    if S_IS_PTR:
-        s = tl.load(s_ptr).to(tl.float64)
-    else:
-        s = s_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    return s
+def _sparsity(s_ptr, s_bits, s_is_ptr):
+    """The sparsity as float64: a device scalar (a layer's buffer) or a number passed by its bits."""
+    by_value = tl.cast(s_bits, tl.int64).to(tl.float64, bitcast=True)
+    return tl.where(tl.cast(s_is_ptr, tl.int32) != 0, tl.load(s_ptr), by_value)
 
 
 @triton.jit
-def _target_ranks(n, k, s_ptr, s_bits, MODE: tl.constexpr, S_IS_PTR: tl.constexpr):
+def _target_ranks(n, k, s_ptr, s_bits, mode, s_is_ptr):
     """(lo, hi, weight): ranks (ascending, from 0) of the order statistics and the lerp weight."""
     n64 = tl.cast(n, tl.int64)
-    if MODE == QUANTILE:
-        s = _sparsity(s_ptr, s_bits, S_IS_PTR)
-        # reference.quantile_positions: pos = s * (N - 1) in float64
-        pos = s * (n64 - 1).to(tl.float64)
-        lo_f = tl.floor(pos)
-        hi_f = tl.ceil(pos)
-        w = (pos - lo_f).to(tl.float32)
-        r_lo = lo_f.to(tl.int64)
-        r_hi = hi_f.to(tl.int64)
-    else:
-        r_lo = n64 - tl.cast(k, tl.int64)
-        r_hi = r_lo
-        w = tl.zeros([], dtype=tl.float32)
+    # reference.quantile_positions: pos = s * (N - 1) in float64
+    pos = _sparsity(s_ptr, s_bits, s_is_ptr) * (n64 - 1).to(tl.float64)
+    lo_f = tl.floor(pos)
+    quantile = tl.cast(mode, tl.int32) == QUANTILE
+    r_k = n64 - tl.cast(k, tl.int64)  # k-mode: the k-th largest
+    r_lo = tl.where(quantile, lo_f.to(tl.int64), r_k)
+    r_hi = tl.where(quantile, tl.ceil(pos).to(tl.int64), r_k)
+    w = tl.where(quantile, (pos - lo_f).to(tl.float32), 0.0)
     # Never index outside the row, whatever the caller passed.
     r_lo = tl.minimum(tl.maximum(r_lo, 0), n64 - 1)
     r_hi = tl.minimum(tl.maximum(r_hi, r_lo), n64 - 1)
@@ -221,17 +216,15 @@ def _lerp(a, b, w):
 
 
 @triton.jit
-def _finish(st, t_ptr, stamp, v_lo, v_hi, le, eq, n, k, w, MODE: tl.constexpr):
+def _finish(st, t_ptr, stamp, v_lo, v_hi, le, eq, n, k, w, mode):
     """Write the threshold (and the k-mode tie plan) once the order statistics are exact."""
     f_lo = _key_to_float(v_lo)
-    if MODE == QUANTILE:
-        t = _lerp(f_lo, _key_to_float(v_hi), w)
-    else:
-        t = f_lo
-        need = tl.cast(k, tl.int64) - (tl.cast(n, tl.int64) - le)  # ties to keep: k minus the keys above t
-        tl.store(st + F_NEED, need)
-        tl.store(st + F_PARTIAL, (need < eq).to(tl.int64))
-    tl.store(t_ptr, t)
+    quantile = tl.cast(mode, tl.int32) == QUANTILE
+    tl.store(t_ptr, tl.where(quantile, _lerp(f_lo, _key_to_float(v_hi), w), f_lo))
+    # k-mode: ties to keep = k minus the keys above t; "partial" when some ties are dropped.
+    need = tl.cast(k, tl.int64) - (tl.cast(n, tl.int64) - le)
+    tl.store(st + F_NEED, need)
+    tl.store(st + F_PARTIAL, ((need < eq) & (not quantile)).to(tl.int64))
     tl.store(st + F_PHASE, stamp | PH_DONE)
 
 
@@ -249,7 +242,20 @@ def _reset_counters(st):
 # Round kernel: sample, full-row and candidate histogram rounds.
 
 
-@triton.jit(do_not_specialize=["k", "cap", "n_sample", "sample_stride", "tiles_full", "s_bits", "launch"])
+@triton.jit(
+    do_not_specialize=[
+        "k",
+        "cap",
+        "n_sample",
+        "sample_stride",
+        "tiles_full",
+        "s_bits",
+        "launch",
+        "mode",
+        "s_is_ptr",
+        "first_phase",
+    ]
+)
 def _round_kernel(
     x_ptr,
     cand_ptr,
@@ -258,6 +264,9 @@ def _round_kernel(
     s_ptr,
     s_bits,
     launch,
+    mode,
+    s_is_ptr,
+    first_phase,
     n,
     k,
     cap,
@@ -265,9 +274,6 @@ def _round_kernel(
     sample_stride,
     tiles_full,
     sample_z,
-    FIRST_PHASE: tl.constexpr,
-    MODE: tl.constexpr,
-    S_IS_PTR: tl.constexpr,
     SAMPLE_ROUNDS: tl.constexpr,
     SAMPLE_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -289,7 +295,7 @@ def _round_kernel(
     word = tl.load(st + F_PHASE)
     phase = tl.where((word >> 8) < launch, word & 0xFF, PH_DONE)
     fresh = phase == PH_INIT
-    phase = tl.where(fresh, FIRST_PHASE, phase)
+    phase = tl.where(fresh, tl.cast(first_phase, tl.int64), phase)
     stamp = tl.cast(launch, tl.int64) << 8
     ncand = tl.minimum(tl.load(st + F_NCAND), cap64)
     # Tiles of this round's source; programs beyond them take no part (and no ticket).
@@ -344,7 +350,10 @@ def _round_kernel(
         lowest_above = tl.min(min_above, 0)
         if lowest_above < NONE_ABOVE:
             tl.atomic_max(st + F_NEGABOVE, _none_minus(lowest_above), sem="relaxed")
-        ticket = tl.atomic_add(st + F_TICKET, 1)  # acq_rel: publishes this program's atomics
+        # Every thread's atomics before the ticket (one thread takes it; its release then covers
+        # them), and the last program's reads after it.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(st + F_TICKET, 1)  # acq_rel
         if ticket == n_active - 1:
             # Last program of the round: every other program's atomics are visible (acq_rel).
             h = tl.load(st + F_HIST + bins_offs, volatile=True)
@@ -355,7 +364,7 @@ def _round_kernel(
             tl.store(st + F_TRACE, tl.load(st + F_TRACE) | (1 << phase))
             cum = tl.cumsum(h, 0)
             total = tl.sum(h, 0)
-            r_lo, r_hi, w = _target_ranks(n, k, s_ptr, s_bits, MODE, S_IS_PTR)
+            r_lo, r_hi, w = _target_ranks(n, k, s_ptr, s_bits, mode, s_is_ptr)
             if phase == PH_SAMPLE:
                 _resolve_sample(
                     st,
@@ -390,7 +399,7 @@ def _round_kernel(
                     nxt = tl.min(tl.where((bins_offs > d) & (h > 0), bins_offs, NBINS), 0)
                     next_key = tl.where(nxt < NBINS, wlo + nxt, tl.minimum(round_above, above))
                     v_hi = tl.where(r_hi < le, v_lo, next_key)
-                    _finish(st, t_ptr, stamp, v_lo, v_hi, le, h_d, n, k, w, MODE)
+                    _finish(st, t_ptr, stamp, v_lo, v_hi, le, h_d, n, k, w, mode)
                 else:
                     new_wlo = wlo + (d << shift)
                     new_whi = tl.minimum(new_wlo + (1 << shift) - 1, whi)
@@ -469,7 +478,7 @@ def _resolve_sample(
 # Compaction pass: exact count below the sample's window, the window's keys to the buffer.
 
 
-@triton.jit(do_not_specialize=["k", "cap", "tiles_full", "s_bits", "launch"])
+@triton.jit(do_not_specialize=["k", "cap", "tiles_full", "s_bits", "launch", "mode", "s_is_ptr"])
 def _compact_kernel(
     x_ptr,
     cand_ptr,
@@ -477,12 +486,12 @@ def _compact_kernel(
     s_ptr,
     s_bits,
     launch,
+    mode,
+    s_is_ptr,
     n,
     k,
     cap,
     tiles_full,
-    MODE: tl.constexpr,
-    S_IS_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One pass over each row: count the keys below the sample's window exactly and copy the keys
@@ -537,13 +546,16 @@ def _compact_kernel(
                 tl.store(cands + first + slot, key, mask=inside & (slot < room))
         if n_below > 0:
             tl.atomic_add(st + F_BELOW, n_below, sem="relaxed")
-        ticket = tl.atomic_add(st + F_TICKET, 1)  # acq_rel: publishes this program's atomics
+        # Every thread's atomics before the ticket (one thread takes it; its release then covers
+        # them), and the last program's reads after it.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(st + F_TICKET, 1)  # acq_rel
         if ticket == n_active - 1:
             nb = tl.load(st + F_BELOW, volatile=True)
             nin = tl.load(st + F_NIN, volatile=True)
             _reset_counters(st)
             tl.store(st + F_TRACE, tl.load(st + F_TRACE) | TRACE_COMPACT)
-            r_lo, r_hi, w = _target_ranks(n, k, s_ptr, s_bits, MODE, S_IS_PTR)
+            r_lo, r_hi, w = _target_ranks(n, k, s_ptr, s_bits, mode, s_is_ptr)
             # Both order statistics inside: refine on the candidates (when they all fit). Otherwise
             # search the full row: below the window, above it, or (overflow) the window itself.
             # (hi just above the window is rare; the full-row rounds find it.)
@@ -590,7 +602,7 @@ def _tie_count_kernel(x_ptr, state_ptr, t_ptr, counts_ptr, n, n_chunks, BLOCK: t
     tl.store(counts_ptr + chunk, count)
 
 
-@triton.jit(do_not_specialize=["n_chunks", "s_bits"])
+@triton.jit(do_not_specialize=["n_chunks", "s_bits", "s_is_ptr"])
 def _mask_kernel(
     x_ptr,
     packed_ptr,
@@ -598,12 +610,12 @@ def _mask_kernel(
     t_ptr,
     s_ptr,
     s_bits,
+    s_is_ptr,
     tie_counts_ptr,
     tie_incl_ptr,
     n,
     n_chunks,
     MODE: tl.constexpr,
-    S_IS_PTR: tl.constexpr,
     WANT_PACKED: tl.constexpr,
     BLOCK: tl.constexpr,
     TPC: tl.constexpr,
@@ -617,7 +629,7 @@ def _mask_kernel(
     offs = tl.arange(0, BLOCK // 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
     if MODE == QUANTILE:
         # Sparsity 0 keeps everything, NaN (ranked -1) included: compare against -inf then.
-        t = tl.where(_sparsity(s_ptr, s_bits, S_IS_PTR) == 0.0, float("-inf"), t)
+        t = tl.where(_sparsity(s_ptr, s_bits, s_is_ptr) == 0.0, float("-inf"), t)
         need = tl.zeros([], dtype=tl.int64)
         partial = False
         running = tl.zeros([], dtype=tl.int64)
@@ -709,8 +721,10 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
     Returns the state block (the k-mode tie plan lives there)."""
     device = rows.device
     state = torch.zeros(groups * STATE_STRIDE.value, dtype=torch.int64, device=device)
-    s_tensor, s_bits = _sparsity_args(sparsity, device) if mode == QUANTILE else (None, 0)
-    s_ptr = s_tensor if s_tensor is not None else state
+    s_tensor, s_bits = _sparsity_args(sparsity, device) if mode == QUANTILE.value else (None, 0)
+    # A number travels by its bits; the pointer argument then gets any float64 view (never read).
+    s_ptr = s_tensor if s_tensor is not None else state.view(torch.float64)
+    s_is_ptr = int(s_tensor is not None)
     cap = cand.numel() // groups
     block = cfg.round_block
     tiles_full = triton.cdiv(n, block)
@@ -718,13 +732,10 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
     use_sample = n >= cfg.sample_min_numel
     n_sample = _sample_size(n, cfg) if use_sample else 0
     stride = max(n // n_sample, 1) if use_sample else 1
+    first_phase = (PH_SAMPLE if use_sample else PH_FULL).value
     # Persistent grids: enough programs for the largest source a round may read, at most max_programs.
     programs = min(max(tiles_full, triton.cdiv(cap, block), triton.cdiv(n_sample, block), 1), max_programs)
-    s_is_ptr = s_tensor is not None
     round_meta = dict(
-        FIRST_PHASE=(PH_SAMPLE if use_sample else PH_FULL).value,
-        MODE=mode,
-        S_IS_PTR=s_is_ptr,
         SAMPLE_ROUNDS=cfg.sample_rounds,
         SAMPLE_PAD=cfg.sample_pad,
         BLOCK=block,
@@ -732,12 +743,13 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
         enable_fp_fusion=False,  # the lerp must not become an FMA
     )
     round_grid = (programs, groups)
-    tail = (n, k, cap, n_sample, stride, tiles_full, cfg.sample_z)
+    head = (rows, cand, state, t_out, s_ptr, s_bits)
+    tail = (mode, s_is_ptr, first_phase, n, k, cap, n_sample, stride, tiles_full, cfg.sample_z)
     # Launches are numbered from 1: the state records which launch wrote it.
     launch = 1
     if use_sample:
         for _ in range(cfg.sample_rounds):
-            _round_kernel[round_grid](rows, cand, state, t_out, s_ptr, s_bits, launch, *tail, **round_meta)
+            _round_kernel[round_grid](*head, launch, *tail, **round_meta)
             launch += 1
         compact_tiles = triton.cdiv(n, cfg.compact_block)
         _compact_kernel[(min(compact_tiles, max_programs), groups)](
@@ -747,22 +759,22 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
             s_ptr,
             s_bits,
             launch,
+            mode,
+            s_is_ptr,
             n,
             k,
             cap,
             compact_tiles,
-            MODE=mode,
-            S_IS_PTR=s_is_ptr,
             BLOCK=cfg.compact_block,
             num_warps=cfg.num_warps,
         )
         launch += 1
     for _ in range(_HIST_ROUNDS):
-        _round_kernel[round_grid](rows, cand, state, t_out, s_ptr, s_bits, launch, *tail, **round_meta)
+        _round_kernel[round_grid](*head, launch, *tail, **round_meta)
         launch += 1
     if debug_states is not None:
         debug_states.append(state.view(groups, -1).cpu())
-    return state, s_tensor, s_bits
+    return state, s_ptr, s_bits, s_is_ptr
 
 
 def _cand_buffer(n_total: int, packed, cfg: Config, device) -> torch.Tensor:
@@ -815,7 +827,7 @@ def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
     t_out = _empty((), dtype=torch.float32, device=device)
     mode = KMODE.value if k is not None else QUANTILE.value
     k_val = int(k) if k is not None else 0
-    state, s_tensor, s_bits = _select(flat, 1, n, mode, k_val, sparsity, t_out, cand, cfg)
+    state, s_ptr, s_bits, s_is_ptr = _select(flat, 1, n, mode, k_val, sparsity, t_out, cand, cfg)
     del cand  # its storage may be the packed mask, written below
     block = cfg.kmode_mask_block if mode == KMODE.value else cfg.mask_block
     warps = max(1, min(cfg.num_warps, block // 256))  # 8+ elements per thread
@@ -836,14 +848,14 @@ def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
         packed if packed is not None else state,
         state,
         t_out,
-        s_tensor if s_tensor is not None else state,
+        s_ptr,
         s_bits,
+        s_is_ptr,
         tie_counts,
         tie_incl,
         n,
         n_chunks,
         MODE=mode,
-        S_IS_PTR=s_tensor is not None,
         WANT_PACKED=want_packed,
         BLOCK=block,
         TPC=tpc,
