@@ -140,6 +140,7 @@ def test_ties_break_in_flat_index_order_across_programs(seed, monkeypatch, trito
 
 
 @cpu_only
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf in the lerp, as torch
 def test_edge_cases(seed, triton_backend, poisoned):
     x = torch.randn(29, 31)
     _check_mask(x, k=0)  # keeps nothing, t = +inf
@@ -155,6 +156,12 @@ def test_edge_cases(seed, triton_backend, poisoned):
     _check_mask(nan, sparsity=0.5)
     _check_mask(torch.tensor([float("nan")] * 9), sparsity=0.5)  # t = -1 (NaN's rank)
     _check_mask(torch.tensor([3.0]), k=1)
+    # float64 ranks in float32 as the reference does: 1e300 and inf tie at inf, 1e-300 and -0.0 at 0
+    wide = torch.randn(7, 11, dtype=torch.float64)
+    wide.view(-1)[:12] = torch.tensor([1e300, -1e300, float("inf"), 1e-300, -0.0, 0.0, 3e-39] * 2)[:12]
+    _check_mask(wide, k=2)
+    _check_mask(wide, k=5)
+    _check_mask(wide, sparsity=0.05)
 
 
 @cpu_only
