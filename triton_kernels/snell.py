@@ -21,6 +21,7 @@ Design (measured choices are in the README / benchmarks/ops_snell.py):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -50,7 +51,7 @@ LARGE_BINS_LOG = 20  # histogram bins per full pass after a pilot (a bracket res
 SMALL_BINS_LOG = 16  # without a pilot: 16 + 15 bits, two passes always resolve the 31-bit key
 _SAMPLE_MULT = 2654435761  # prime > any group size we accept: k·MULT mod N is a low-discrepancy walk
 # (rows, cols, warps) per program on a GPU: selection passes and W_eff, and the backward kernel.
-TILE = (64, 64, 4)
+TILE = (64, 64, 8)
 BACKWARD_TILE = (64, 64, 8)
 # Tile edge under the interpreter (every program instance costs ~0.1 s there); tests lower it to
 # get several programs per kernel.
@@ -965,6 +966,21 @@ def _check_supported(x2, weight, A, B, params, spec):
     return reason is None
 
 
+def _on_device(fn):
+    """Run under the tensors' CUDA device: Triton launches on the current one."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if dev.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(dev):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_on_device
 def layer_forward(x2, weight, bias, A, B, params, spec, sparsity):
     """y2 = x2 (W0 + S)ᵀ + b (or x2 Sᵀ when weight is None) and the per-group thresholds."""
     if not _check_supported(x2, weight, A, B, params, spec):
@@ -1057,6 +1073,7 @@ def _scalar_grads(geo, scal, needs):
     )
 
 
+@_on_device
 def layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs):
     if not _check_supported(dy2, weight, A, B, params, spec):
         return _torch_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs)
@@ -1093,6 +1110,7 @@ def layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, ne
 # ----------------------------------------------------------------------------------------------
 # Optional ops: the merge alone (ΔW, no sparsification) and its backward
 # ----------------------------------------------------------------------------------------------
+@_on_device
 def merge(A, B, params, spec):
     if _fallback_reason(A, A, B, params, spec) is not None:
         return ref.merge(A, B, params, spec)
@@ -1101,6 +1119,7 @@ def merge(A, B, params, spec):
     return _effective_weight(geo, None, stats, None, None, False, A.dtype)
 
 
+@_on_device
 def merge_backward(G, A, B, params, spec, need):
     if _fallback_reason(A, A, B, params, spec) is not None:
         return ref.merge_backward(G, A, B, params, spec, need)
