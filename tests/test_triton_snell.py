@@ -423,22 +423,27 @@ def _rel_rmse(got, want):
     return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
 
 
-GPU_SHAPES = [(12608, 768, 3072, 1), (4096, 4096, 11008, 1), (2048, 768, 2304, 3)]
+# (tokens, in, out, groups, kernel, dtype, sparsity): the two benchmark targets, fused qkv with
+# snella, and a device-side sparsity of 0 (S = ΔW, decided on the GPU without a sync).
+GPU_CASES = [
+    (12608, 768, 3072, 1, "piecewise", torch.bfloat16, 0.9),
+    (12608, 768, 3072, 1, "piecewise", torch.float32, 0.9),
+    (4096, 4096, 11008, 1, "piecewise", torch.bfloat16, 0.9),
+    (2048, 768, 2304, 3, "snella", torch.bfloat16, 0.9),
+    (2048, 768, 2304, 3, "snella", torch.float32, 0.5),
+    (2048, 768, 768, 1, "piecewise", torch.bfloat16, 0.0),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("T,n,m,groups", GPU_SHAPES, ids=["768x3072", "4096x11008", "qkv768"])
-@pytest.mark.parametrize("kernel", ["piecewise", "snella"])
-def test_gpu_matches_torch_backend(seed, dtype, T, n, m, groups, kernel):
-    if kernel == "snella" and T == 4096:
-        pytest.skip("snella covered at the other shapes (time)")
+@pytest.mark.parametrize("T,n,m,groups,kernel,dtype,target", GPU_CASES)
+def test_gpu_matches_torch_backend(seed, T, n, m, groups, kernel, dtype, target):
     dev = "cuda"
     r = 8
     A, B = _factors(r, n, m, groups, 2, dev, scale=0.25)
     params = _params(kernel, r, 2, n, dev)
     spec = SnellSpec(kernel, 2, "reference", groups)
-    s = torch.tensor(0.9, dtype=torch.float64, device=dev)
+    s = torch.tensor(target, dtype=torch.float64, device=dev)
     x = torch.randn(T, n, device=dev, dtype=dtype)
     W = (torch.randn(m, n, device=dev) / math.sqrt(n)).to(dtype)
     bias = torch.randn(m, device=dev, dtype=dtype)
@@ -459,4 +464,5 @@ def test_gpu_matches_torch_backend(seed, dtype, T, n, m, groups, kernel):
             assert got is None, name
             continue
         assert torch.isfinite(got).all(), name
-        assert _rel_rmse(got, want) < (tol if name in ("dx", "dbias", "dA", "dB") else 5 * tol), name
+        # scalar grads are single sums over every entry, with cancellation: looser
+        assert _rel_rmse(got, want) < (tol if name in ("dx", "dbias", "dA", "dB") else max(5 * tol, 1e-2)), name
