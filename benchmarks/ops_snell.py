@@ -259,32 +259,34 @@ def _count_launches(fn, device) -> tuple[int, int]:
     return kernels, memsets
 
 
-def _providers(case, full, cuda):
+def _providers(case, full, cuda, compiled_only):
     target = (case.T, case.n, case.m) in TARGETS
+    if compiled_only:
+        if full and cuda and target and case.dtype == torch.bfloat16 and case.r == 8:
+            return [("snell_topk_compiled", lambda: _reference_provider(case, _topk_threshold, compiled=True))]
+        return []
     out = [("full_ft", lambda: _full_ft_provider(case)), ("lora", lambda: _lora_provider(case))]
     if case.numel > QUANTILE_MAX_NUMEL:
         out.append(("snell_ref_ckpt", None))
     else:
         out.append(("snell_ref_ckpt", lambda: _reference_provider(case, _quantile_threshold)))
     out.append(("snell_topk_eager", lambda: _reference_provider(case, _topk_threshold)))
-    if full and cuda and target and case.dtype == torch.bfloat16 and case.r == 8:
-        out.append(("snell_topk_compiled", lambda: _reference_provider(case, _topk_threshold, compiled=True)))
     for backend in ("torch", "triton", "cuda"):
         if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
             out.append((f"pysnell_{backend}", lambda b=backend: _pysnell_provider(case, b)))
     return out
 
 
-def _bench_case(T, n, m, r, dtype, device, full, notes):
+def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
     cuda = torch.device(device).type == "cuda"
     case = _Case(T, n, m, r, dtype, device)
     oracle = _fp32_snell_oracle(case)
     label = f"T{T}-{n}x{m}-r{r}"
     ident = {"op": OP, "case": label, "baseline": BASELINE, "dtype": dtype, "device": device, "pass_": "fwd+bwd"}
     extra = {"size": m * n, "tokens": T, "in_features": n, "out_features": m, "r": r, "sparsity": SPARSITY}
-    reps, warmup = (10, 3) if full else (3, 1)
+    reps, warmup = (10, 3) if full else (2, 1)
     rows = []
-    for name, make in _providers(case, full, cuda):
+    for name, make in _providers(case, full, cuda, compiled_only):
         if make is None:
             rows.append(
                 harness.error_row(f"torch.quantile refuses {case.numel} > 2^24 entries", provider=name, **ident)
@@ -332,13 +334,15 @@ def _bench_case(T, n, m, r, dtype, device, full, notes):
 
 
 def _plan(full, cuda):
-    """(T, in, out, r, dtype), most important first: a run cut short keeps the target shapes."""
+    """(T, in, out, r, dtype, compiled only), most important first: a run cut short keeps the
+    targets; the torch.compile'd provider (tens of seconds to compile) comes last."""
     if not full:
-        return [(T, n, m, 8, torch.float32) for T, n, m in QUICK_SHAPES]
-    plan = [(T, n, m, 8, torch.bfloat16) for T, n, m in FULL_SHAPES if (T, n, m) in TARGETS]
-    plan += [(T, n, m, 8, torch.bfloat16) for T, n, m in FULL_SHAPES if (T, n, m) not in TARGETS]
-    plan += [(T, n, m, 32, torch.bfloat16) for T, n, m in FULL_SHAPES if (T, n, m) in TARGETS]
-    plan += [(T, n, m, 8, torch.float32) for T, n, m in FULL_SHAPES]
+        return [(T, n, m, 8, torch.float32, False) for T, n, m in QUICK_SHAPES]
+    plan = [(T, n, m, 8, torch.bfloat16, False) for T, n, m in FULL_SHAPES if (T, n, m) in TARGETS]
+    plan += [(T, n, m, 8, torch.bfloat16, False) for T, n, m in FULL_SHAPES if (T, n, m) not in TARGETS]
+    plan += [(T, n, m, 32, torch.bfloat16, False) for T, n, m in FULL_SHAPES if (T, n, m) in TARGETS]
+    plan += [(T, n, m, 8, torch.float32, False) for T, n, m in FULL_SHAPES]
+    plan += [(T, n, m, 8, torch.bfloat16, True) for T, n, m in FULL_SHAPES if (T, n, m) in TARGETS]
     return plan
 
 
@@ -350,8 +354,8 @@ def run(full: bool, device: str, notes: list | None = None) -> list[dict]:
         torch.backends.cudnn.allow_tf32 = False
     rows = []
     try:
-        for T, n, m, r, dtype in _plan(full, cuda):
-            rows.extend(_bench_case(T, n, m, r, dtype, device, full, notes))
+        for T, n, m, r, dtype, compiled_only in _plan(full, cuda):
+            rows.extend(_bench_case(T, n, m, r, dtype, device, full, notes, compiled_only))
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
