@@ -497,6 +497,7 @@ def _compact_kernel(
     """One pass over each row: count the keys below the sample's window exactly and copy the keys
     inside it to the candidate buffer. Tiles are [BLOCK/16, 16]: the slot prefix sum then runs along
     rows of 16 plus one short scan of row totals, far cheaper than a 1-D scan of BLOCK lanes."""
+    tl.static_assert(BLOCK < 65536)  # two per-tile counts share one int32 (16 bits each)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     g = tl.program_id(1)
