@@ -611,24 +611,27 @@ def _weff_kernel(
 def _backward_kernel(
     gs_ptr, w0_ptr, out_ptr, a_ptr, b_ptr, coeff_ptr, alpha_ptr, beta_ptr, gamma_ptr, stat_ptr, colsum_ptr,
     thr_ptr, sparsity_ptr, da_part_ptr, db_part_ptr, scal_part_ptr,
-    m_g, n, rows_per_chunk, n_chunks,
+    m_g, n, rows_per_chunk, n_chunks, tiles_per_chunk,
     R: tl.constexpr, PIECES: tl.constexpr, KERNEL: tl.constexpr, MODE: tl.constexpr, SPARSIFY: tl.constexpr,
     HAS_W: tl.constexpr, WRITE_W: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One column tile × one chunk of rows of one group.
+    """One chunk of column tiles × one chunk of rows of one group.
+
+    Per column tile, dA's partial accumulates over the row chunk in registers (one partial per row
+    chunk); per row tile, dB's partial accumulates over the column chunk in place (the program owns
+    those rows of its column chunk's partial, so no atomics: deterministic).
 
     The skinny contractions Σ_j E[i,j]·a_j and Σ_i E[i,j]·b_i run as tensor-core dots against
     zero-padded factor blocks (tf32x3 keeps fp32 accuracy for fp32 gradients; tf32 is far below
     the rounding of a bf16/fp16 G_S); an extra all-ones column (index R)
     yields the row / column sums of E in the same dot.
     """
-    ct = tl.program_id(0)
+    cc = tl.program_id(0)
     rc = tl.program_id(1)
     g = tl.program_id(2)
-    n_ct = tl.num_programs(0)
-    cols = ct * BN + tl.arange(0, BN)
-    cmask = cols < n
+    n_cc = tl.num_programs(0)
+    n_ct = tl.cdiv(n, BN)
     kk = tl.arange(0, RP)
     sidx = tl.arange(0, _NSCAL)
     if SPARSIFY:
@@ -641,80 +644,93 @@ def _backward_kernel(
         alpha = tl.load(alpha_ptr)
         beta = tl.load(beta_ptr)
         gamma = tl.load(gamma_ptr)
-        csum = tl.load(colsum_ptr + g * n + cols, mask=cmask, other=0.0)
-    # a_blk[c, j] = A[c, j] for c < R (zero elsewhere); at_ops[p][j, c] = the piece-p columns + ones at c == R.
-    a_blk = tl.load(a_ptr + kk[:, None] * n + cols[None, :], mask=(kk[:, None] < R) & cmask[None, :], other=0.0)
-    at_ops = ()
-    if KERNEL == 0:
-        at_ops = at_ops + (tl.trans(a_blk),)
-    else:
-        DP: tl.constexpr = R // PIECES
-        for p in tl.static_range(PIECES):
-            in_piece = (kk >= p * DP) & (kk < (p + 1) * DP)
-            op = tl.where(in_piece[:, None], a_blk, 0.0)
-            op = tl.where((kk[:, None] == R) & cmask[None, :], 1.0, op)
-            at_ops = at_ops + (tl.trans(op),)
-    acc_a = tl.zeros([RP, BN], dtype=tl.float32)
     scal = tl.zeros([_NSCAL], dtype=tl.float32)
     r0 = rc * rows_per_chunk
     r1 = tl.minimum(r0 + rows_per_chunk, m_g)
-    i0 = r0
-    while i0 < r1:
-        lrow = i0 + tl.arange(0, BM)
-        rmask = lrow < r1
-        rows = g * m_g + lrow  # int32: factor loads; m×n offsets widen to int64
-        valid = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None].to(tl.int64) * n + cols[None, :]
-        gv = tl.load(gs_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        D, dists, invs = _regen(a_ptr, b_ptr, coeff_ptr, rows[:, None], cols[None, :], rmask[:, None],
-                                cmask[None, :], n, R, PIECES, KERNEL)  # fmt: skip
+    ct0 = cc * tiles_per_chunk
+    ct1 = tl.minimum(ct0 + tiles_per_chunk, n_ct)
+    ct = ct0
+    while ct < ct1:
+        cols = ct * BN + tl.arange(0, BN)
+        cmask = cols < n
         if KERNEL == 2:
-            P, z = _snella_softmax(D, gamma, stat_ptr, g, cols[None, :], cmask[None, :], n)
-            dw = D + alpha * P + beta
-        else:
-            dw = D
-        gd = _sparsify_grad(gv, dw, t, zero, MODE, SPARSIFY)
-        if WRITE_W:
-            # Overwrites this tile of G_S (already read) with W_eff for dX = dY·W_eff.
-            S = _sparsify(dw, t, zero, MODE, SPARSIFY)
-            if HAS_W:
-                S = tl.load(w0_ptr + offs, mask=valid, other=0.0).to(tl.float32) + S
-            tl.store(out_ptr + offs, S.to(out_ptr.dtype.element_ty), mask=valid)
-        if KERNEL == 2:
-            dz = tl.where(valid, P * (alpha * gd - csum[None, :]), 0.0)
-            scal += tl.where(sidx == 8, tl.sum(gd * P), 0.0)
-            scal += tl.where(sidx == 9, tl.sum(gd), 0.0)
-            scal += tl.where(sidx == 10, tl.sum(dz * z), 0.0)
-            dd = gd + dz / gamma
-        else:
-            dd = gd
-        # b_blk[i, c] = B[i, c] for c < R
-        b_blk = tl.load(b_ptr + rows[:, None] * R + kk[None, :], mask=rmask[:, None] & (kk[None, :] < R), other=0.0)
+            csum = tl.load(colsum_ptr + g * n + cols, mask=cmask, other=0.0)
+        # a_blk[c, j] = A[c, j] for c < R (zero elsewhere); at_ops[p][j, c]: the piece-p columns, ones at c == R.
+        a_blk = tl.load(a_ptr + kk[:, None] * n + cols[None, :], mask=(kk[:, None] < R) & cmask[None, :], other=0.0)
+        at_ops = ()
         if KERNEL == 0:
-            db_tile = tl.dot(dd, at_ops[0], input_precision=DOT_PRECISION)
-            acc_a += tl.dot(tl.trans(b_blk), dd, input_precision=DOT_PRECISION)
+            at_ops = at_ops + (tl.trans(a_blk),)
         else:
-            db_tile = tl.zeros([BM, RP], dtype=tl.float32)
+            DP: tl.constexpr = R // PIECES
             for p in tl.static_range(PIECES):
-                scal += tl.where(sidx == p, tl.sum(dd * dists[p]), 0.0)
-                e = tl.load(coeff_ptr + p) * dd * invs[p]
                 in_piece = (kk >= p * DP) & (kk < (p + 1) * DP)
-                bt = tl.where(in_piece[None, :], b_blk, 0.0)
-                bt = tl.where((kk[None, :] == R) & rmask[:, None], 1.0, bt)
-                row_dot = tl.dot(e, at_ops[p], input_precision=DOT_PRECISION)  # [BM, RP], column R = Σ_j e
-                col_dot = tl.dot(tl.trans(bt), e, input_precision=DOT_PRECISION)  # [RP, BN], row R = Σ_i e
-                row_sum = tl.sum(tl.where(kk[None, :] == R, row_dot, 0.0), axis=1)
-                col_sum = tl.sum(tl.where(kk[:, None] == R, col_dot, 0.0), axis=0)
-                # dB_p[i] = b_i·Σ_j E − Σ_j E·a_j ;  dA_p[j] = a_j·Σ_i E − Σ_i E·b_i
-                db_tile += tl.where(in_piece[None, :], b_blk * row_sum[:, None] - row_dot, 0.0)
-                acc_a += tl.where(in_piece[:, None], a_blk * col_sum[None, :] - col_dot, 0.0)
-        db_ptrs = db_part_ptr + ct.to(tl.int64) * (m_g * tl.num_programs(2)) * R + rows[:, None] * R + kk[None, :]
-        tl.store(db_ptrs, db_tile, mask=rmask[:, None] & (kk[None, :] < R))
-        i0 += BM
-    a_row = (g * n_chunks + rc).to(tl.int64)
-    da_ptrs = da_part_ptr + (a_row * R + kk[:, None]) * n + cols[None, :]
-    tl.store(da_ptrs, acc_a, mask=(kk[:, None] < R) & cmask[None, :])
-    prog = (g * n_chunks + rc) * n_ct + ct
+                op = tl.where(in_piece[:, None], a_blk, 0.0)
+                op = tl.where((kk[:, None] == R) & cmask[None, :], 1.0, op)
+                at_ops = at_ops + (tl.trans(op),)
+        acc_a = tl.zeros([RP, BN], dtype=tl.float32)
+        i0 = r0
+        while i0 < r1:
+            lrow = i0 + tl.arange(0, BM)
+            rmask = lrow < r1
+            rows = g * m_g + lrow  # int32: factor loads; m×n offsets widen to int64
+            valid = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+            gv = tl.load(gs_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            D, dists, invs = _regen(a_ptr, b_ptr, coeff_ptr, rows[:, None], cols[None, :], rmask[:, None],
+                                    cmask[None, :], n, R, PIECES, KERNEL)  # fmt: skip
+            if KERNEL == 2:
+                P, z = _snella_softmax(D, gamma, stat_ptr, g, cols[None, :], cmask[None, :], n)
+                dw = D + alpha * P + beta
+            else:
+                dw = D
+            gd = _sparsify_grad(gv, dw, t, zero, MODE, SPARSIFY)
+            if WRITE_W:
+                # Overwrites this tile of G_S (already read) with W_eff for dX = dY·W_eff.
+                S = _sparsify(dw, t, zero, MODE, SPARSIFY)
+                if HAS_W:
+                    S = tl.load(w0_ptr + offs, mask=valid, other=0.0).to(tl.float32) + S
+                tl.store(out_ptr + offs, S.to(out_ptr.dtype.element_ty), mask=valid)
+            if KERNEL == 2:
+                dz = tl.where(valid, P * (alpha * gd - csum[None, :]), 0.0)
+                scal += tl.where(sidx == 8, tl.sum(gd * P), 0.0)
+                scal += tl.where(sidx == 9, tl.sum(gd), 0.0)
+                scal += tl.where(sidx == 10, tl.sum(dz * z), 0.0)
+                dd = gd + dz / gamma
+            else:
+                dd = gd
+            # b_blk[i, c] = B[i, c] for c < R
+            b_blk = tl.load(b_ptr + rows[:, None] * R + kk[None, :], mask=rmask[:, None] & (kk[None, :] < R), other=0.0)
+            if KERNEL == 0:
+                db_tile = tl.dot(dd, at_ops[0], input_precision=DOT_PRECISION)
+                acc_a += tl.dot(tl.trans(b_blk), dd, input_precision=DOT_PRECISION)
+            else:
+                db_tile = tl.zeros([BM, RP], dtype=tl.float32)
+                for p in tl.static_range(PIECES):
+                    scal += tl.where(sidx == p, tl.sum(dd * dists[p]), 0.0)
+                    e = tl.load(coeff_ptr + p) * dd * invs[p]
+                    in_piece = (kk >= p * DP) & (kk < (p + 1) * DP)
+                    bt = tl.where(in_piece[None, :], b_blk, 0.0)
+                    bt = tl.where((kk[None, :] == R) & rmask[:, None], 1.0, bt)
+                    row_dot = tl.dot(e, at_ops[p], input_precision=DOT_PRECISION)  # [BM, RP], column R = Σ_j e
+                    col_dot = tl.dot(tl.trans(bt), e, input_precision=DOT_PRECISION)  # [RP, BN], row R = Σ_i e
+                    row_sum = tl.sum(tl.where(kk[None, :] == R, row_dot, 0.0), axis=1)
+                    col_sum = tl.sum(tl.where(kk[:, None] == R, col_dot, 0.0), axis=0)
+                    # dB_p[i] = b_i·Σ_j E − Σ_j E·a_j ;  dA_p[j] = a_j·Σ_i E − Σ_i E·b_i
+                    db_tile += tl.where(in_piece[None, :], b_blk * row_sum[:, None] - row_dot, 0.0)
+                    acc_a += tl.where(in_piece[:, None], a_blk * col_sum[None, :] - col_dot, 0.0)
+            db_ptrs = db_part_ptr + cc.to(tl.int64) * (m_g * tl.num_programs(2)) * R + rows[:, None] * R + kk[None, :]
+            db_mask = rmask[:, None] & (kk[None, :] < R)
+            if ct > ct0:
+                db_tile += tl.load(db_ptrs, mask=db_mask, other=0.0)
+            tl.store(db_ptrs, db_tile, mask=db_mask)
+            i0 += BM
+        a_row = (g * n_chunks + rc).to(tl.int64)
+        da_ptrs = da_part_ptr + (a_row * R + kk[:, None]) * n + cols[None, :]
+        tl.store(da_ptrs, acc_a, mask=(kk[:, None] < R) & cmask[None, :])
+        # the next column tile re-reads this program's dB partial rows
+        tl.debug_barrier()
+        ct += 1
+    prog = (g * n_chunks + rc) * n_cc + cc
     tl.store(scal_part_ptr + prog * _NSCAL + sidx, scal)
 
 
@@ -1023,23 +1039,28 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     colsum = None
     if geo.kernel == 2:
         colsum = _column_pass(geo, 1, stats, gs=gs, thresholds=thresholds, sparsity_t=sparsity_t, sparsify=sparsify)
-    n_ct = triton.cdiv(geo.n, BN)
-    target = 1 if _interpret() else max(1, 4 * _num_sms(dev) // max(1, n_ct * geo.groups))
-    n_chunks = max(1, min(triton.cdiv(geo.m_g, BM), target))
-    rows_per_chunk = triton.cdiv(triton.cdiv(geo.m_g, n_chunks), BM) * BM
+    n_ct, n_rt = triton.cdiv(geo.n, BN), triton.cdiv(geo.m_g, BM)
+    # Programs: column chunks × row chunks per group, about 2 per SM. The split balances the two
+    # partials (column chunks × out × r for dB, row chunks × r × in for dA).
+    per_group = 2 if _interpret() else max(1, 2 * _num_sms(dev) // geo.groups)
+    n_cc = min(n_ct, max(1, round(math.sqrt(per_group * geo.n / geo.m_g))))
+    tiles_per_chunk = triton.cdiv(n_ct, n_cc)
+    n_cc = triton.cdiv(n_ct, tiles_per_chunk)
+    n_chunks = min(n_rt, max(1, triton.cdiv(per_group, n_cc)))
+    rows_per_chunk = triton.cdiv(n_rt, n_chunks) * BM
     n_chunks = triton.cdiv(geo.m_g, rows_per_chunk)
     da_part = _alloc((geo.groups * n_chunks, geo.r, geo.n), torch.float32, dev)
-    db_part = _alloc((n_ct, geo.m, geo.r), torch.float32, dev)
-    n_prog = geo.groups * n_chunks * n_ct
+    db_part = _alloc((n_cc, geo.m, geo.r), torch.float32, dev)
+    n_prog = geo.groups * n_chunks * n_cc
     scal_part = _alloc((n_prog, 16), torch.float32, dev)
     placeholder = da_part
-    _backward_kernel[(n_ct, n_chunks, geo.groups)](
+    _backward_kernel[(n_cc, n_chunks, geo.groups)](
         gs, weight.contiguous() if weight is not None else placeholder,
         w_out if w_out is not None else placeholder,
         A, B, coeffs, alpha, beta, gamma,
         stats if stats is not None else placeholder, colsum if colsum is not None else placeholder,
         thresholds if thresholds is not None else placeholder, sparsity_t if sparsity_t is not None else placeholder,
-        da_part, db_part, scal_part, geo.m_g, geo.n, rows_per_chunk, n_chunks,
+        da_part, db_part, scal_part, geo.m_g, geo.n, rows_per_chunk, n_chunks, tiles_per_chunk,
         KERNEL=geo.kernel, MODE=geo.mode, SPARSIFY=sparsify, HAS_W=weight is not None, WRITE_W=w_out is not None,
         RP=geo.rp, BM=BM, BN=BN, DOT_PRECISION=dot_precision, num_warps=warps, **geo.statics,
     )  # fmt: skip
@@ -1051,7 +1072,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     nblk_b = triton.cdiv(geo.m * geo.r, block)
     _reduce_kernel[(nblk_a + nblk_b + 1,)](
         da_part, db_part, scal_part, dA, dB, scal, gamma,
-        geo.groups * n_chunks, geo.r * geo.n, n_ct, geo.m * geo.r, n_prog, nblk_a, nblk_b,
+        geo.groups * n_chunks, geo.r * geo.n, n_cc, geo.m * geo.r, n_prog, nblk_a, nblk_b,
         SNELLA=geo.kernel == 2, BLOCK=block, num_warps=4,
     )  # fmt: skip
     return dA, dB, scal
