@@ -26,7 +26,9 @@ STATUS=()
 elapsed() { echo $(($(date +%s) - START)); }
 # Seconds for a step: at most CAP, and leave RESERVE seconds for the steps after it.
 budget_for() {
-    local cap=$1 reserve=$2 left=$((BUDGET - $(elapsed) - $2))
+    # reserves are sized for the default 470 s budget: scale them with the budget actually given
+    local cap=$1 reserve=$(($2 * BUDGET / 470))
+    local left=$((BUDGET - $(elapsed) - reserve))
     ((left > cap)) && left=$cap
     ((left < 10)) && left=10
     echo "$left"

@@ -68,6 +68,21 @@ def _conform(out, shape, dtype, device, inputs, wanted=True):
     return out.contiguous()
 
 
+def _conform_all(items, inputs, device):
+    """_conform over several returns, which must not alias each other either (e.g. three scalar
+    gradients sliced from one partial-sum buffer)."""
+    outs, ptrs = [], set()
+    for out, shape, dtype, wanted in items:
+        out = _conform(out, shape, dtype, device, inputs, wanted)
+        ptr = out.untyped_storage().data_ptr() if out.numel() else None
+        if ptr is not None and ptr in ptrs:
+            out = out.clone()
+            ptr = out.untyped_storage().data_ptr()
+        ptrs.add(ptr)
+        outs.append(out)
+    return outs
+
+
 def _absent_to_none(t: Tensor, wanted: bool):
     return t if wanted else None
 
@@ -139,7 +154,7 @@ def _snell_merge_backward_impl(
     wanted = (True, True) + tuple(need)
     inputs = _storages((G, A, B, coeffs, alpha, beta, gamma))
     likes = _merge_grad_like(A, B, coeffs, alpha, beta, gamma)
-    return [_conform(g, t.shape, t.dtype, t.device, inputs, w) for g, t, w in zip(grads, likes, wanted)]
+    return _conform_all([(g, t.shape, t.dtype, w) for g, t, w in zip(grads, likes, wanted)], inputs, A.device)
 
 
 _snell_merge_backward = torch.library.custom_op(
@@ -229,7 +244,7 @@ def _snell_layer_backward_impl(
     grads = impl(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, tuple(needs))
     inputs = _storages((dy2, x2, weight, A, B, coeffs, alpha, beta, gamma, sparsity_t, thresholds))
     specs = _layer_grad_specs(dy2, x2, weight, A, B, coeffs, alpha, beta, gamma)
-    return [_conform(g, s, d, dy2.device, inputs, w) for g, (s, d), w in zip(grads, specs, needs)]
+    return _conform_all([(g, s, d, w) for g, (s, d), w in zip(grads, specs, needs)], inputs, dy2.device)
 
 
 _snell_layer_backward = torch.library.custom_op(
@@ -310,7 +325,7 @@ def _monarch_backward_impl(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, need
     _, impl = _backend.pick("monarch.backward", x2.device)
     grads = impl(dy2, x2, w1, w2, tuple(needs))
     inputs = _storages((dy2, x2, w1, w2))
-    return [_conform(g, t.shape, t.dtype, t.device, inputs, w) for g, t, w in zip(grads, (x2, w1, w2), needs)]
+    return _conform_all([(g, t.shape, t.dtype, w) for g, t, w in zip(grads, (x2, w1, w2), needs)], inputs, x2.device)
 
 
 _monarch_backward = torch.library.custom_op(_op_name("monarch_backward"), _monarch_backward_impl, mutates_args=())
