@@ -140,7 +140,7 @@ def build(method: str, encoder: nn.Module, *, r: int = 8, sparsity: float = 0.9,
     raise ValueError(f"method must be one of {METHODS + ('head',)}, got {method!r}")
 
 
-LEARNING_RATES = {"snell": 2e-3, "lora": 1e-3, "full": 5e-5, "head": 3e-3}
+LEARNING_RATES = {"snell": 1e-2, "lora": 1e-3, "full": 5e-5, "head": 3e-3}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -234,7 +234,7 @@ def run_method(method: str, settings: Settings, progress: bool = True) -> Result
             loss.backward()
             opt.step()
             sched.step()
-            loss_value = float(loss)
+            loss_value = loss.item()
             bar.set_postfix(loss=f"{loss_value:.3f}")
             bar.update(1)
     if device.startswith("cuda"):

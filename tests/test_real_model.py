@@ -184,7 +184,7 @@ def test_short_snell_fine_tune_learns_sentiment(minilm, seed):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     accuracy, _ = demo_real.evaluate(model, tokenizer, test, 128, "cpu")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert accuracy > 0.7, (accuracy, losses)  # chance is 0.5 (balanced), 256 examples: σ ≈ 0.03
