@@ -65,7 +65,10 @@ def _conform(out, shape, dtype, device, inputs, wanted=True):
         out = out.to(dtype)
     elif _aliases(out, inputs):
         out = out.clone()
-    return out.contiguous()
+    out = out.contiguous()
+    # inductor requires custom-op outputs to start at an aligned address: a view into a backend's
+    # buffer (e.g. one scalar gradient sliced from a partial-sum vector) gets its own storage
+    return out.clone() if out.storage_offset() else out
 
 
 def _conform_all(items, inputs, device):
