@@ -216,3 +216,18 @@ def test_sparsify_above_two_to_the_24_elements(seed):
     # distinct values: exactly the entries above v[lo], one fewer where float32 rounded t onto v[hi]
     lo = int(s * (n - 1))
     assert int(kept.sum()) == n - 1 - lo - int(bool(t == v[lo + 1]))
+
+
+def test_coordinatewise_distance_matches_cdist(seed):
+    """The GPU path of piece_distance (one pass per coordinate), checked on the CPU."""
+    from pysnell.ops.snell.reference import coordinatewise_distance
+
+    for d in (1, 3, 4):
+        B = torch.randn(37, d, dtype=torch.float64)
+        A = torch.randn(d, 23, dtype=torch.float64)
+        want = torch.cdist(B[None], A.t()[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+        torch.testing.assert_close(coordinatewise_distance(B, A), want, rtol=1e-12, atol=1e-12)
+    B32, A32 = torch.randn(50, 4), torch.randn(4, 31)
+    torch.testing.assert_close(
+        coordinatewise_distance(B32, A32), coordinatewise_distance(B32.double(), A32.double()).float()
+    )

@@ -53,13 +53,28 @@ def _pieces(A, B, pieces):
 
 
 def piece_distance(Bp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
-    """δ[i, j] = ‖b_i − a_j‖₂ for Bp (m, d) and Ap (d, n), with torch.cdist.
+    """δ[i, j] = ‖b_i − a_j‖₂ for Bp (m, d) and Ap (d, n).
 
-    Direct differences, never cdist's matrix-product shortcut (taken above 25 rows by default):
-    √(‖b‖² + ‖a‖² − 2bᵀa) loses ~1e-5 relative in float32 for close points (the kernels the
-    reference checks compute Σ(b − a)² directly), and for these small d it is slower on CPU too.
+    Direct differences Σ_k (b_ik − a_kj)², accumulated over the d coordinates in order (what the
+    kernels do), never cdist's matrix-product shortcut √(‖b‖² + ‖a‖² − 2bᵀa), which loses ~1e-5
+    relative in float32 for close points. On the CPU, cdist's direct mode is that computation in one
+    fused loop; on a GPU it is very slow, so there it is one elementwise pass per coordinate (d =
+    r/pieces is small).
     """
-    return torch.cdist(Bp.unsqueeze(0), Ap.t().unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist").squeeze(0)
+    if Bp.device.type == "cpu":
+        return torch.cdist(Bp.unsqueeze(0), Ap.t().unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return coordinatewise_distance(Bp, Ap)
+
+
+def coordinatewise_distance(Bp: torch.Tensor, Ap: torch.Tensor) -> torch.Tensor:
+    """‖b_i − a_j‖₂ as √Σ_k (b_ik − a_kj)², one elementwise pass per coordinate k."""
+    sq = None
+    for k in range(Bp.shape[1]):
+        diff = Bp[:, k : k + 1] - Ap[k : k + 1, :]
+        sq = diff.square_() if sq is None else sq.addcmul_(diff, diff)
+    if sq is None:
+        return Bp.new_zeros(Bp.shape[0], Ap.shape[1])
+    return sq.sqrt_()
 
 
 def piecewise(A, B, coeffs, pieces):
