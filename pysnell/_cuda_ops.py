@@ -19,8 +19,14 @@ from . import _backend
 from .ops.snell import reference as snell_ref
 
 # op name -> backend order for "auto" on CUDA tensors, from measurements (see the module docstring).
-# Empty until the GPU benchmark has been run: every op then uses the default cuda -> triton -> torch.
-AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {}
+# Ops not listed use the default cuda -> triton -> torch. Measured on an H200, 2026-11-27
+# (benchmarks/results/nvidia-h200): the CUDA top-k and SNELL layer ops beat Triton at most shapes, so
+# they keep the default. The CUDA Monarch ops have never run on a GPU (the extension did not link in
+# the only run that benchmarked Monarch), so "auto" uses the measured Triton and torch kernels for them.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "monarch.forward": ("triton", "torch"),
+    "monarch.backward": ("triton", "torch"),
+}
 
 KERNEL_IDS = {"piecewise": 0, "linear": 1, "rbf": 2, "sigmoid": 3, "snella": 4}
 MODE_IDS = {"reference": 0, "paper": 1, "mask": 2}
