@@ -208,6 +208,7 @@ def test_pilot_selection_and_fallback(seed, monkeypatch, scenario):
     monkeypatch.setattr(ts, "KEEP_DEBUG_STATE", True)
     if scenario == "miss":
         monkeypatch.setattr(ts, "_SAMPLE_MULT", 2 * (m // groups) * n)  # k·MULT ≡ 0 (mod N)
+        monkeypatch.setattr(ts, "PILOT_Z", 0.0)  # bracket = the pilot bin of entry 0
     A, B, params, spec = _selection_case(m, n, groups)
     numel = (m // groups) * n
     for target in (0.7, 0.05) if scenario == "bracket" else (0.7,):

@@ -417,13 +417,14 @@ def _select_pass_kernel(
                 lo, hi, w, s = _quantile_ranks(sparsity_ptr, n_sample)
                 sd = tl.sqrt((n_sample.to(tl.float64) * s * (1.0 - s)).to(tl.float32))
                 margin = tl.ceil(pilot_z * sd).to(tl.int64) + 2
-                ra = tl.maximum(lo - margin, 0)
-                rb = tl.minimum(hi + margin, n_sample - 1)
-                ba = _find_bin(fine, ra, 1 << (NB - 8))
-                bb = _find_bin(fine, rb, 1 << (NB - 8))
+                ra = lo - margin
+                rb = hi + margin
+                ba = _find_bin(fine, tl.maximum(ra, 0), 1 << (NB - 8))
+                bb = _find_bin(fine, tl.minimum(rb, n_sample - 1), 1 << (NB - 8))
                 sh64 = shift.to(tl.int64)
-                new_lo = lo_u.to(tl.int64) + (ba << sh64)
-                new_hi = tl.minimum(lo_u.to(tl.int64) + ((bb + 1) << sh64) - 1, _MAXV)
+                # A margin past the sample's extremes opens the bracket to the smallest / largest key.
+                new_lo = tl.where(ra < 0, 0, lo_u.to(tl.int64) + (ba << sh64))
+                new_hi = tl.where(rb >= n_sample, _MAXV, tl.minimum(lo_u.to(tl.int64) + ((bb + 1) << sh64) - 1, _MAXV))
                 new_flags = tl.zeros_like(new_lo) + _F_INIT
             else:
                 lo, hi, w, s = _quantile_ranks(sparsity_ptr, numel)
