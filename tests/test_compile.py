@@ -250,3 +250,27 @@ def test_compiled_model_on_gpu_with_kernels(seed, backend, kernels):
         want_bf16 = model(x)
         got_bf16 = compiled(x)
     torch.testing.assert_close(got_bf16.float(), want_bf16.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_op_outputs_are_fresh_aligned_and_distinct(seed, backend, monkeypatch):
+    """A backend may return views into one buffer (e.g. scalar gradients sliced from a partial-sum vector):
+    the op still returns separate tensors that start at offset 0 (inductor checks 16-byte alignment)."""
+    from pysnell.ops.snell import reference as ref
+
+    def packed_merge_backward(G, A, B, params, spec, need):
+        dA, dB, dcoeffs, *scalars = ref.merge_backward(G, A, B, params, spec, need)
+        packed = torch.stack([torch.zeros(()), *scalars])  # slot 0 unused: every view starts mid-storage
+        return dA, dB, dcoeffs, packed[1], packed[2], packed[3]
+
+    monkeypatch.setitem(_backend._registry["snell.merge_backward"], "torch", packed_merge_backward)
+    backend.set_backend("torch")
+    A, B, G = torch.randn(4, 7), torch.randn(5, 4), torch.randn(5, 7)
+    params = KernelParams(torch.tensor([0.1, -0.1]), torch.tensor(0.7), torch.tensor(1.3), torch.tensor(0.2))
+    spec = SnellSpec("rbf", 2, "reference", 1)
+    want = ref.merge_backward(G, A, B, params, spec, (False, True, True, True))
+    got = torch.ops.pysnell.snell_merge_backward(G, A, B, *params, *spec, [False, True, True, True])
+    scalars = got[3:]
+    assert all(t.storage_offset() == 0 for t in scalars)
+    assert len({t.untyped_storage().data_ptr() for t in scalars}) == 3
+    for g, w in zip(scalars, want[3:]):
+        torch.testing.assert_close(g, w.reshape(g.shape))
