@@ -4,7 +4,8 @@ SNELL / SNELLA (kernelized LoRA with competition-based sparsification), Monarch 
 in-place top-k masking, each with a pure-PyTorch reference and Triton / CUDA kernels.
 """
 
-from . import _backend, _jit
+# peft_integration: pysnell.peft_integration.register() makes SNELL a peft method (importing it does not import peft)
+from . import _backend, _jit, peft_integration  # noqa: F401
 from ._backend import get_backend, last_backend, set_backend
 from .adapter import (
     SNELLConfig,

@@ -223,9 +223,8 @@ _FLOW = textwrap.dedent(
     """
     import tempfile, torch, peft, pysnell
     from torch import nn
-    from pysnell import peft_integration as pi
     print("peft", peft.__version__, peft.__file__)
-    pi.register()
+    pysnell.peft_integration.register()  # reachable from the package, without importing the submodule
     torch.manual_seed(0)
     make = lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     base = make(); ref = make(); ref.load_state_dict(base.state_dict())
