@@ -48,5 +48,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks --quick
 
+# On a GPU machine: build, GPU tests and the full benchmarks in one go (see benchmarks/README.md).
+gpu:
+	bash benchmarks/gpu_run.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info
