@@ -46,7 +46,8 @@ def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, 
     out = []
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if value is None:
-            value = torch.tensor(init[name], device=dev, dtype=dt)
+            # torch.full, not torch.tensor: copying a host value to a GPU synchronises the stream
+            value = torch.full((), init[name], device=dev, dtype=dt)
         elif not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError(f"{name} must be a 1-element tensor, got {value!r}")
         out.append(value.reshape(()))

@@ -467,3 +467,26 @@ def test_gpu_matches_torch_backend(seed, T, n, m, groups, kernel, dtype, target)
         assert torch.isfinite(got).all(), name
         # scalar grads are single sums over every entry, with cancellation: looser
         assert _rel_rmse(got, want) < (tol if name in ("dx", "dbias", "dA", "dB") else max(5 * tol, 1e-2)), name
+
+
+@pytest.mark.gpu
+def test_gpu_layer_never_synchronises(seed, backend):
+    """A training step of the layer (fwd + bwd, sparsity a float64 device buffer) makes no host
+    synchronisation: no value is read back and no host value is copied in."""
+    dev = "cuda"
+    m, n, r, T = 3072, 768, 8, 512
+    A, B = (t.requires_grad_() for t in _factors(r, n, m, 1, 2, dev, scale=0.25))
+    W = (torch.randn(m, n, device=dev) / math.sqrt(n)).to(torch.bfloat16)
+    x = torch.randn(T, n, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(0.9, dtype=torch.float64, device=dev)
+    backend.set_backend("triton")
+    for check in (False, True):  # the first step compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if check else "default")
+        try:
+            y = snell_linear(x, W, None, A, B, sparsity=s)
+            y.float().square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert backend.last_backend("snell.layer_forward") == "triton"
+    assert backend.last_backend("snell.layer_backward") == "triton"

@@ -42,7 +42,9 @@ class KernelParams(NamedTuple):
 
 def default_coeffs(pieces: int, scale: float, device=None, dtype=torch.float32) -> torch.Tensor:
     """c_p = scale·(−1)^p (reference: [+0.1, −0.1])."""
-    signs = torch.tensor([(-1.0) ** p for p in range(pieces)], dtype=dtype, device=device)
+    # Built on the device: torch.tensor(list, device=cuda) is a host copy that synchronises the stream.
+    signs = torch.ones(pieces, dtype=dtype, device=device)
+    signs[1::2] = -1
     return signs * scale
 
 
