@@ -454,8 +454,12 @@ def test_gpu_matches_torch_backend(seed, T, n, m, groups, kernel, dtype, target)
     delta = ref.merge(A, B, params, spec)
     scale = delta.abs().reshape(groups, -1).max(dim=1).values
     assert ((t - t_ref).abs() <= 1e-5 * t_ref.abs() + 1e-6 * scale).all(), (t, t_ref)
+    # Entries within rounding of the threshold may be kept by one backend and not the other (at
+    # millions of entries adjacent order statistics are ~1e-7 apart): each moves dA/dB slightly.
+    flips_possible = _ambiguous(delta, t_ref, groups) > 0 if target > 0 else False
     del delta
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    tol_factors = max(tol, 5e-3) if flips_possible else tol
     assert _rel_rmse(y, y_ref) < tol
     needs = (True, False, True, True, True, True, True, True, True)
     g_ref = fn._torch_layer_backward(dy, x, W, A, B, params, spec, s, t_ref, needs)
@@ -466,7 +470,8 @@ def test_gpu_matches_torch_backend(seed, T, n, m, groups, kernel, dtype, target)
             continue
         assert torch.isfinite(got).all(), name
         # scalar grads are single sums over every entry, with cancellation: looser
-        assert _rel_rmse(got, want) < (tol if name in ("dx", "dbias", "dA", "dB") else max(5 * tol, 1e-2)), name
+        bound = {"dx": tol, "dbias": tol, "dA": tol_factors, "dB": tol_factors}.get(name, max(5 * tol, 1e-2))
+        assert _rel_rmse(got, want) < bound, name
 
 
 @pytest.mark.gpu
