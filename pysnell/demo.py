@@ -94,7 +94,7 @@ def fit(model, data, *, epochs, lr, batch_size, seed, desc, hook=None):
     times = []
     from tqdm.auto import tqdm
 
-    with tqdm(total=epochs * steps_per_epoch, desc=desc, leave=False) as bar:
+    with tqdm(total=epochs * steps_per_epoch, desc=desc, leave=False, mininterval=0.5) as bar:
         for _ in range(epochs):
             for xb, yb in batches(x, y, batch_size, g):
                 t0 = time.perf_counter()
