@@ -58,6 +58,11 @@ class SNELLConfig:
         if self.r % self.pieces:
             raise ValueError(f"r={self.r} must be divisible by pieces={self.pieces}")
 
+    def layer_kwargs(self) -> dict:
+        """SNELLLinear's keyword arguments for this config (out_groups is per module: _groups_for)."""
+        names = ("r", "sparsity", "kernel", "pieces", "scale", "mode", "dropout", "drop_path", "learnable_coeffs")
+        return {name: getattr(self, name) for name in names}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -119,17 +124,7 @@ def inject(model: nn.Module, config: SNELLConfig) -> nn.Module:
             (
                 name,
                 SNELLLinear(
-                    model.get_submodule(name),
-                    r=config.r,
-                    sparsity=config.sparsity,
-                    kernel=config.kernel,
-                    pieces=config.pieces,
-                    scale=config.scale,
-                    mode=config.mode,
-                    dropout=config.dropout,
-                    drop_path=config.drop_path,
-                    out_groups=_groups_for(name, config.out_groups),
-                    learnable_coeffs=config.learnable_coeffs,
+                    model.get_submodule(name), out_groups=_groups_for(name, config.out_groups), **config.layer_kwargs()
                 ),
             )
             for name in targets

@@ -270,19 +270,7 @@ def _build_classes() -> dict[str, type]:
 
         def update_layer(self, adapter_name: str, config, out_groups: int) -> None:
             # SNELLLinear validates the settings and initialises the tensors exactly as pysnell.inject does.
-            proto = SNELLLinear(
-                self.base_layer,
-                r=config.r,
-                sparsity=config.sparsity,
-                kernel=config.kernel,
-                pieces=config.pieces,
-                scale=config.scale,
-                mode=config.mode,
-                dropout=config.dropout,
-                drop_path=config.drop_path,
-                out_groups=out_groups,
-                learnable_coeffs=config.learnable_coeffs,
-            )
+            proto = SNELLLinear(self.base_layer, out_groups=out_groups, **SNELLConfig.layer_kwargs(config))
             self.snell_A[adapter_name] = proto.snell_A
             self.snell_B[adapter_name] = proto.snell_B
             if config.learnable_coeffs:
