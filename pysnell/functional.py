@@ -35,6 +35,22 @@ def check_snell_factors(A, B, *, kernel, pieces, out_groups=1, in_features=None,
     check_same_device(A=A, B=B)
 
 
+_default_scalars: dict = {}
+
+
+def _default_scalar(value: float, device, dtype) -> torch.Tensor:
+    """A constant kernel scalar, made once per device and dtype: building it in every forward costs a
+    fill-kernel launch per scalar per layer on a GPU. Under torch.compile it is made in the graph."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, device=device, dtype=dtype)
+    key = (value, device, dtype)
+    t = _default_scalars.get(key)
+    if t is None:
+        # torch.full, not torch.tensor: copying a host value to a GPU synchronises the stream
+        t = _default_scalars[key] = torch.full((), value, device=device, dtype=dtype)
+    return t
+
+
 def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, gamma=None):
     """Fill in the kernel's tensor parameters (defaults: spec init values, no gradient)."""
     dev, dt = A.device, A.dtype
@@ -46,8 +62,7 @@ def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, 
     out = []
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if value is None:
-            # torch.full, not torch.tensor: copying a host value to a GPU synchronises the stream
-            value = torch.full((), init[name], device=dev, dtype=dt)
+            value = _default_scalar(init[name], dev, dt)
         elif not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError(f"{name} must be a 1-element tensor, got {value!r}")
         out.append(value.reshape(()))
