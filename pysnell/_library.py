@@ -133,10 +133,6 @@ def _(A, B, coeffs, alpha, beta, gamma, kernel, pieces, mode, out_groups):
     return A.new_empty((B.shape[0], A.shape[1]))
 
 
-def _merge_grad_like(A, B, coeffs, alpha, beta, gamma):
-    return (A, B, coeffs, alpha, beta, gamma)
-
-
 def _snell_merge_backward_impl(
     G: Tensor,
     A: Tensor,
@@ -156,7 +152,7 @@ def _snell_merge_backward_impl(
     grads = impl(G, A, B, KernelParams(coeffs, alpha, beta, gamma), spec, tuple(need))
     wanted = (True, True) + tuple(need)
     inputs = _storages((G, A, B, coeffs, alpha, beta, gamma))
-    likes = _merge_grad_like(A, B, coeffs, alpha, beta, gamma)
+    likes = (A, B, coeffs, alpha, beta, gamma)  # each gradient is shaped like its input
     return _conform_all([(g, t.shape, t.dtype, w) for g, t, w in zip(grads, likes, wanted)], inputs, A.device)
 
 
@@ -168,7 +164,7 @@ _snell_merge_backward = torch.library.custom_op(
 @_snell_merge_backward.register_fake
 def _(G, A, B, coeffs, alpha, beta, gamma, kernel, pieces, mode, out_groups, need):
     wanted = (True, True) + tuple(need)
-    likes = _merge_grad_like(A, B, coeffs, alpha, beta, gamma)
+    likes = (A, B, coeffs, alpha, beta, gamma)  # each gradient is shaped like its input
     return [t.new_empty(t.shape if w else (0,)) for t, w in zip(likes, wanted)]
 
 
