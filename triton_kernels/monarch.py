@@ -21,9 +21,12 @@ the input dtype between the stages, as the reference's bmm does):
   column order (T, l·r). `plan()` says which products use which.
 - `_deinterleave_kernel`: dy (columns si·l + li) into block order (li·s + si) once per
   backward, so every backward load is contiguous.
+When q % l != 0 (e.g. MonarchLinear(1000, 1000, 4): q = 250, l = 4) an output block takes rows of
+a varying run of stage-1 blocks, so every product runs split, with the permutation as an index
+map over the global intermediate index f = ki·q + qj -> column (f % l)·r + f // l.
 Weight gradients never use atomics: tokens are split into a fixed number of chunks, each
 writes an fp32 partial, and the partials are summed in a fixed order. Shapes the kernels do not
-serve (q % l != 0, float64, factors of 2^31+ elements) run the torch implementation, logged once.
+serve (float64, factors of 2^31+ elements) run the torch implementation, logged once.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import triton.language as tl
 
 from pysnell import _backend
 from pysnell.ops.monarch.function import _torch_backward, _torch_forward
+
+from ._host import cdiv, next_pow2
 
 # Widest block row (columns of one output block, or of one weight-gradient tile row) that a
 # fused kernel keeps on chip as an fp32 accumulator next to its operand tiles.
@@ -339,6 +344,7 @@ def _gemm_kernel(
     K: tl.constexpr,
     J: tl.constexpr,
     IN_B: tl.constexpr,
+    IN_G: tl.constexpr,
     IN_D: tl.constexpr,
     IN_HI: tl.constexpr,
     IN_LO: tl.constexpr,
@@ -350,6 +356,7 @@ def _gemm_kernel(
     WJ_HI: tl.constexpr,
     WJ_LO: tl.constexpr,
     OUT_B: tl.constexpr,
+    OUT_G: tl.constexpr,
     OUT_D: tl.constexpr,
     OUT_HI: tl.constexpr,
     OUT_LO: tl.constexpr,
@@ -363,7 +370,9 @@ def _gemm_kernel(
     """out[t, b·OUT_B + map(j)] = Σ_k in[t, b·IN_B + map(k)] · w[b·W_B + map(k) + map(j)] (+ bias).
 
     Each map is i·LO, or (i // D)·HI + (i % D)·LO when D > 0 (the Monarch permutation inside a
-    block). Programs are ordered j tile, then block, then token tile: neighbours share input rows.
+    block). With IN_G (OUT_G) > 0 the input (output) map takes the global index b·IN_G + k instead,
+    and IN_B (OUT_B) is 0: the permutation of q % l != 0, which does not stay inside a block.
+    Programs are ordered j tile, then block, then token tile: neighbours share input rows.
     """
     # sizes as int64: address math cannot overflow, and the interpreter skips its overflow checks
     T = tl.cast(T, tl.int64)
@@ -387,7 +396,10 @@ def _gemm_kernel(
         # index vectors from the induction variable keep their alignment visible to the compiler
         kk = k0 + offs_k
         k_ok = kk < K
-        in_cols = _index(kk, IN_D, IN_HI, IN_LO)
+        if IN_G == 0:
+            in_cols = _index(kk, IN_D, IN_HI, IN_LO)
+        else:
+            in_cols = _index(b * IN_G + kk, IN_D, IN_HI, IN_LO)
         in_ok = k_ok & (in_cols < in_left)
         a_ptrs = rows_in + in_cols[None, :]
         w_ptrs = w_cols + _index(kk, WK_D, WK_HI, WK_LO)[:, None]
@@ -397,7 +409,10 @@ def _gemm_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    out_cols = b * OUT_B + _index(offs_j, OUT_D, OUT_HI, OUT_LO)
+    if OUT_G == 0:
+        out_cols = b * OUT_B + _index(offs_j, OUT_D, OUT_HI, OUT_LO)
+    else:
+        out_cols = _index(b * OUT_G + offs_j, OUT_D, OUT_HI, OUT_LO)
     cols_ok = j_ok & (out_cols < n_out)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
@@ -418,6 +433,7 @@ def _wgrad_kernel(
     I: tl.constexpr,
     J: tl.constexpr,
     A_B: tl.constexpr,
+    A_G: tl.constexpr,
     A_D: tl.constexpr,
     A_HI: tl.constexpr,
     A_LO: tl.constexpr,
@@ -436,7 +452,10 @@ def _wgrad_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out[split, blk, map(i), j] = Σ_t a[t, blk·A_B + map(i)] · b[t, blk·B_B + j·B_LO] over TILES·BT tokens."""
+    """out[split, blk, map(i), j] = Σ_t a[t, blk·A_B + map(i)] · b[t, blk·B_B + j·B_LO] over TILES·BT tokens.
+
+    With A_G > 0 the a map takes the global index blk·A_G + i (A_B = 0), as in _gemm_kernel.
+    """
     # sizes as int64: address math cannot overflow, and the interpreter skips its overflow checks
     T = tl.cast(T, tl.int64)
     n_a = tl.cast(n_a, tl.int64)
@@ -450,7 +469,10 @@ def _wgrad_kernel(
     offs_j = (pid % NJ) * BJ + tl.arange(0, BJ)
     i_ok = offs_i < I
     j_ok = offs_j < J
-    a_cols = _index(offs_i, A_D, A_HI, A_LO)
+    if A_G == 0:
+        a_cols = _index(offs_i, A_D, A_HI, A_LO)
+    else:
+        a_cols = _index(blk * A_G + offs_i, A_D, A_HI, A_LO)
     b_cols = offs_j * B_LO
     a_cols_ok = i_ok & (a_cols < n_a - blk * A_B)
     b_cols_ok = j_ok & (b_cols < n_b - blk * B_B)
@@ -519,7 +541,7 @@ _SMEM_BUDGET = 200 * 2**10  # bytes of operand tiles in flight per program (H100
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_pow2(n))
 
 
 def _interpreting() -> bool:
@@ -552,21 +574,18 @@ def _token_splits(programs: int, T: int, bt: int, w_numel: int, device: torch.de
     fp32 partials then), each ≥ 4 token tiles, partials ≤ 32 MiB. The tiles per split are a power
     of two (a compile-time loop count), so a new T compiles few variants.
     """
-    tiles = triton.cdiv(T, bt)
+    tiles = cdiv(T, bt)
     if device.type != "cuda":
         want = 2 if tiles >= 2 else 1  # exercises the partial-sum path under the interpreter
     else:
-        want = triton.cdiv(_sm_count(device.index or 0), max(programs, 1))
+        want = cdiv(_sm_count(device.index or 0), max(programs, 1))
         want = max(1, min(want, tiles // 4, _PARTIALS_BYTES // (4 * w_numel), 64))
-    per_split = triton.next_power_of_2(triton.cdiv(tiles, want))
-    return triton.cdiv(tiles, per_split), per_split
+    per_split = next_pow2(cdiv(tiles, want))
+    return cdiv(tiles, per_split), per_split
 
 
 def _unsupported(x2, w1, w2, more=()) -> str | None:
     k, q, p = w1.shape
-    l, _, _ = w2.shape
-    if q % l:
-        return f"q={q} is not a multiple of l={l}: an output block does not take whole rows of every stage-1 block"
     if x2.dtype not in _DTYPES:
         return f"dtype {x2.dtype} (the kernels serve float32, float16 and bfloat16)"
     tensors = (x2, w1, w2, *[t for t in more if t is not None])
@@ -644,7 +663,7 @@ def _wgrad_tiles(I, J, dtype):
 def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J):
     T = inp.shape[0]
     BT, BU, BV, BJ, warps, stages = _two_stage_tiles(U, V, J, inp.dtype, wgrad=False)
-    grid = (triton.cdiv(T, BT), NB, triton.cdiv(J, BJ))
+    grid = (cdiv(T, BT), NB, cdiv(J, BJ))
     _two_stage_kernel[grid](
         inp,
         wa,
@@ -675,7 +694,8 @@ def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J
 def _run_gemm(inp, w, bias, out, n_in, n_out, *, maps, NB, K, J):
     T = inp.shape[0]
     BT, BK, BJ, warps, stages = _gemm_tiles(K, J, inp.dtype)
-    grid = (triton.cdiv(T, BT) * NB * triton.cdiv(J, BJ),)
+    maps = {"IN_G": 0, "OUT_G": 0, **maps}
+    grid = (cdiv(T, BT) * NB * cdiv(J, BJ),)
     _gemm_kernel[grid](
         inp,
         w,
@@ -714,7 +734,7 @@ def _finish(out, splits, dtype):
 def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, J):
     T = g.shape[0]
     BT, BU, BV, BJ, warps, stages = _two_stage_tiles(U, V, J, g.dtype, wgrad=True)
-    per_split = NC * triton.cdiv(U, BU)
+    per_split = NC * cdiv(U, BU)
     numel = w_shape[0] * w_shape[1] * w_shape[2]
     splits, tiles = _token_splits(per_split * NB, T, BT, numel, g.device)
     out = _partials(splits, w_shape, g)
@@ -749,7 +769,8 @@ def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, 
 def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
     T = a.shape[0]
     BT, BI, BJ, warps, stages = _wgrad_tiles(I, J, a.dtype)
-    tiles_ij = triton.cdiv(I, BI) * triton.cdiv(J, BJ)
+    maps = {"A_G": 0, **maps}
+    tiles_ij = cdiv(I, BI) * cdiv(J, BJ)
     numel = w_shape[0] * w_shape[1] * w_shape[2]
     splits, tiles = _token_splits(tiles_ij * NB, T, BT, numel, a.device)
     out = _partials(splits, w_shape, a)
@@ -781,10 +802,10 @@ def _deinterleave(dy2, l, s):
     """dy in block order (T, l·s): column li·s + si holds dy column si·l + li (zero past out_features)."""
     T = dy2.shape[0]
     out = _empty((T, l * s), dy2.device, dy2.dtype)
-    BL = triton.next_power_of_2(l)
+    BL = next_pow2(l)
     BS = max(16, 512 // BL) if not _interpreting() else 16
     BT = 16
-    grid = (triton.cdiv(T, BT), triton.cdiv(s, BS))
+    grid = (cdiv(T, BT), cdiv(s, BS))
     _deinterleave_kernel[grid](dy2, out, T, dy2.shape[1], dy2.stride(0), L=l, S=s, BT=BT, BS=BS, BL=BL)
     return out
 
@@ -855,11 +876,18 @@ def _mid_split(x2, w1, w2):
     l, _, r = w2.shape
     QL = q // l
     mid = _empty((x2.shape[0], l * r), x2.device, x2.dtype)
-    maps = dict(
-        IN_B=p, IN_D=0, IN_HI=0, IN_LO=1,  # x column ki·p + pp
-        W_B=q * p, WK_D=0, WK_HI=0, WK_LO=1, WJ_D=QL, WJ_HI=p, WJ_LO=l * p,  # w1[ki, rr·l + li, pp]
-        OUT_B=QL, OUT_D=QL, OUT_HI=r, OUT_LO=1,  # mid column li·r + ki·QL + rr
-    )  # fmt: skip
+    if q % l:
+        maps = dict(
+            IN_B=p, IN_D=0, IN_HI=0, IN_LO=1,  # x column ki·p + pp
+            W_B=q * p, WK_D=0, WK_HI=0, WK_LO=1, WJ_D=0, WJ_HI=0, WJ_LO=p,  # w1[ki, qj, pp]
+            OUT_B=0, OUT_G=q, OUT_D=l, OUT_HI=1, OUT_LO=r,  # mid column li·r + ri, (ri, li) = divmod(ki·q + qj, l)
+        )  # fmt: skip
+    else:
+        maps = dict(
+            IN_B=p, IN_D=0, IN_HI=0, IN_LO=1,  # x column ki·p + pp
+            W_B=q * p, WK_D=0, WK_HI=0, WK_LO=1, WJ_D=QL, WJ_HI=p, WJ_LO=l * p,  # w1[ki, rr·l + li, pp]
+            OUT_B=QL, OUT_D=QL, OUT_HI=r, OUT_LO=1,  # mid column li·r + ki·QL + rr
+        )  # fmt: skip
     _run_gemm(x2, w1, None, mid, x2.shape[1], l * r, maps=maps, NB=k, K=p, J=q)
     return mid
 
@@ -890,11 +918,18 @@ def _dx_from_dmid(dmid, w1, w2, dx):
     k, q, p = w1.shape
     l, _, r = w2.shape
     QL = q // l
-    maps = dict(
-        IN_B=QL, IN_D=QL, IN_HI=r, IN_LO=1,  # dmid column li·r + ki·QL + rr
-        W_B=q * p, WK_D=QL, WK_HI=p, WK_LO=l * p, WJ_D=0, WJ_HI=0, WJ_LO=1,  # w1[ki, rr·l + li, pp]
-        OUT_B=p, OUT_D=0, OUT_HI=0, OUT_LO=1,  # dx column ki·p + pp
-    )  # fmt: skip
+    if q % l:
+        maps = dict(
+            IN_B=0, IN_G=q, IN_D=l, IN_HI=1, IN_LO=r,  # dmid column li·r + ri, (ri, li) = divmod(ki·q + qj, l)
+            W_B=q * p, WK_D=0, WK_HI=0, WK_LO=p, WJ_D=0, WJ_HI=0, WJ_LO=1,  # w1[ki, qj, pp]
+            OUT_B=p, OUT_D=0, OUT_HI=0, OUT_LO=1,  # dx column ki·p + pp
+        )  # fmt: skip
+    else:
+        maps = dict(
+            IN_B=QL, IN_D=QL, IN_HI=r, IN_LO=1,  # dmid column li·r + ki·QL + rr
+            W_B=q * p, WK_D=QL, WK_HI=p, WK_LO=l * p, WJ_D=0, WJ_HI=0, WJ_LO=1,  # w1[ki, rr·l + li, pp]
+            OUT_B=p, OUT_D=0, OUT_HI=0, OUT_LO=1,  # dx column ki·p + pp
+        )  # fmt: skip
     _run_gemm(dmid, w1, None, dx, l * r, dx.shape[1], maps=maps, NB=k, K=q, J=p)
 
 
@@ -912,11 +947,18 @@ def _dw1_from_dmid(dmid, x2, w1, w2):
     k, q, p = w1.shape
     l, _, r = w2.shape
     QL = q // l
-    maps = dict(
-        A_B=QL, A_D=QL, A_HI=r, A_LO=1,  # dmid column li·r + ki·QL + rr
-        B_B=p, B_LO=1,  # x column ki·p + pp
-        O_B=q * p, O_D=QL, O_HI=p, O_LO=l * p, O_J=1,  # dw1[ki, rr·l + li, pp]
-    )  # fmt: skip
+    if q % l:
+        maps = dict(
+            A_B=0, A_G=q, A_D=l, A_HI=1, A_LO=r,  # dmid column li·r + ri, (ri, li) = divmod(ki·q + qj, l)
+            B_B=p, B_LO=1,  # x column ki·p + pp
+            O_B=q * p, O_D=0, O_HI=0, O_LO=p, O_J=1,  # dw1[ki, qj, pp]
+        )  # fmt: skip
+    else:
+        maps = dict(
+            A_B=QL, A_D=QL, A_HI=r, A_LO=1,  # dmid column li·r + ki·QL + rr
+            B_B=p, B_LO=1,  # x column ki·p + pp
+            O_B=q * p, O_D=QL, O_HI=p, O_LO=l * p, O_J=1,  # dw1[ki, rr·l + li, pp]
+        )  # fmt: skip
     return _run_wgrad(dmid, x2, w1.shape, l * r, x2.shape[1], maps=maps, NB=k, I=q, J=p)
 
 
@@ -925,9 +967,11 @@ def _dw1_from_dmid(dmid, x2, w1, w2):
 
 def plan(w1_shape, w2_shape) -> dict:
     """Which kernel serves each product for these factor shapes ("fused" or "split")."""
-    k, _, p = w1_shape
+    k, q, p = w1_shape
     l, s, _ = w2_shape
-    pick = lambda width, rereads: "fused" if _fused_ok(width, rereads) else "split"
+    # q % l != 0: an output block takes rows from a varying run of stage-1 blocks, so only the split
+    # kernels (the permutation as an index map over the intermediate in memory) serve it.
+    pick = lambda width, rereads: "fused" if q % l == 0 and _fused_ok(width, rereads) else "split"
     return {
         "forward": pick(s, l),  # reads x once per output block
         "dw2": pick(s, max(k, l)),

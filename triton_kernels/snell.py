@@ -34,6 +34,8 @@ from pysnell import _backend
 from pysnell.ops.snell import reference as ref
 from pysnell.ops.snell.function import _torch_layer_backward, _torch_layer_forward
 
+from ._host import cdiv, next_pow2
+
 log = logging.getLogger("pysnell")
 
 _KERNEL_IDS = {"linear": 0, "piecewise": 1, "snella": 2}
@@ -882,7 +884,7 @@ class _Geometry:
         self.pieces = 1 if spec.kernel == "linear" else spec.pieces
         self.mode = _MODE_IDS[spec.mode]
         # padded rank: one spare column for the all-ones operand, and dot operands need >= 16
-        self.rp = max(16, triton.next_power_of_2(self.r + 1))
+        self.rp = max(16, next_pow2(self.r + 1))
         self.device = A.device
         self.factors = (
             A.contiguous(),
@@ -902,11 +904,11 @@ def _column_pass(geo, what, stats, gs=None, thresholds=None, sparsity_t=None, sp
     """snella: column softmax stats (what=0) or Σ_i α·Gd·P column sums (what=1), (G, 2|1, n)."""
     A, B, coeffs, alpha, beta, gamma = geo.factors
     BM, BN, warps = _tile_sizes()
-    n_ct = triton.cdiv(geo.n, BN)
+    n_ct = cdiv(geo.n, BN)
     target = max(1, 4 * _num_sms(geo.device) // max(1, n_ct * geo.groups))
-    n_split = max(1, min(triton.cdiv(geo.m_g, BM), target))
-    rows_per_split = triton.cdiv(triton.cdiv(geo.m_g, n_split), BM) * BM
-    n_split = triton.cdiv(geo.m_g, rows_per_split)
+    n_split = max(1, min(cdiv(geo.m_g, BM), target))
+    rows_per_split = cdiv(cdiv(geo.m_g, n_split), BM) * BM
+    n_split = cdiv(geo.m_g, rows_per_split)
     part = _alloc((geo.groups, n_split, 2, geo.n), torch.float32, geo.device)
     out = _alloc((geo.groups, 2 if what == 0 else 1, geo.n), torch.float32, geo.device)
     counters = torch.zeros(geo.groups * n_ct, dtype=torch.int64, device=geo.device)
@@ -949,17 +951,17 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
     stats_arg = stats if stats is not None else thresholds
 
     BM, BN, warps = _tile_sizes()
-    n_ct = triton.cdiv(geo.n, BN)
-    n_tiles = triton.cdiv(geo.m_g, BM) * n_ct
+    n_ct = cdiv(geo.n, BN)
+    n_tiles = cdiv(geo.m_g, BM) * n_ct
     sms = _num_sms(dev)
     grid0 = n_tiles if _interpret() else max(1, min(n_tiles, (8 * sms) // G))
-    tiles_per_prog = triton.cdiv(n_tiles, grid0)
-    grid0 = triton.cdiv(n_tiles, tiles_per_prog)
+    tiles_per_prog = cdiv(n_tiles, grid0)
+    grid0 = cdiv(n_tiles, tiles_per_prog)
     SBLK = 64 if _interpret() else 1024
     n_sample = min(PILOT_SAMPLES, numel)
 
     def launch(pass_idx, hist, next_hist, next_numel, sample, nb_this, nb_next, grid, wide):
-        zero_per_prog = triton.cdiv(next_numel, grid) if next_numel else 0
+        zero_per_prog = cdiv(next_numel, grid) if next_numel else 0
         _select_pass_kernel[(grid, G)](
             A, B, coeffs, alpha, beta, gamma, stats_arg, sparsity_t,
             state, counters[pass_idx], hist, hist.numel() // G, thresholds,
@@ -973,7 +975,7 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
 
     passes = 0
     if use_pilot:
-        launch(0, hist_first, hist_x, stride, True, PILOT_BINS_LOG, nb, triton.cdiv(n_sample, SBLK), 1)
+        launch(0, hist_first, hist_x, stride, True, PILOT_BINS_LOG, nb, cdiv(n_sample, SBLK), 1)
         passes = 1
     # Full passes: X, Y, X, ... each zeroing the next one's histogram. Without a pilot the first pass
     # covers every key (wide) and later ones a bin or an empty gap (narrow); after a pilot the first
@@ -1032,9 +1034,9 @@ def _effective_weight(geo, weight, stats, thresholds, sparsity_t, sparsify, dtyp
     A, B, coeffs, alpha, beta, gamma = geo.factors
     BM, BN, warps = _tile_sizes()
     out = _alloc((geo.m, geo.n), dtype, geo.device)
-    n_ct = triton.cdiv(geo.n, BN)
+    n_ct = cdiv(geo.n, BN)
     w0 = weight.contiguous() if weight is not None else out
-    grid = (triton.cdiv(geo.m_g, BM) * n_ct, geo.groups)
+    grid = (cdiv(geo.m_g, BM) * n_ct, geo.groups)
     _weff_kernel[grid](
         w0, out, A, B, coeffs, alpha, beta, gamma, stats if stats is not None else out, thresholds, sparsity_t,
         geo.m_g, geo.n, n_ct, KERNEL=geo.kernel, MODE=geo.mode, SPARSIFY=sparsify, HAS_W=weight is not None,
@@ -1053,16 +1055,16 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     colsum = None
     if geo.kernel == 2:
         colsum = _column_pass(geo, 1, stats, gs=gs, thresholds=thresholds, sparsity_t=sparsity_t, sparsify=sparsify)
-    n_ct, n_rt = triton.cdiv(geo.n, BN), triton.cdiv(geo.m_g, BM)
+    n_ct, n_rt = cdiv(geo.n, BN), cdiv(geo.m_g, BM)
     # Programs: column chunks × row chunks per group, about 2 per SM. The split balances the two
     # partials (column chunks × out × r for dB, row chunks × r × in for dA).
     per_group = 2 if _interpret() else max(1, 2 * _num_sms(dev) // geo.groups)
     n_cc = min(n_ct, max(1, round(math.sqrt(per_group * geo.n / geo.m_g))))
-    tiles_per_chunk = triton.cdiv(n_ct, n_cc)
-    n_cc = triton.cdiv(n_ct, tiles_per_chunk)
-    n_chunks = min(n_rt, max(1, triton.cdiv(per_group, n_cc)))
-    rows_per_chunk = triton.cdiv(n_rt, n_chunks) * BM
-    n_chunks = triton.cdiv(geo.m_g, rows_per_chunk)
+    tiles_per_chunk = cdiv(n_ct, n_cc)
+    n_cc = cdiv(n_ct, tiles_per_chunk)
+    n_chunks = min(n_rt, max(1, cdiv(per_group, n_cc)))
+    rows_per_chunk = cdiv(n_rt, n_chunks) * BM
+    n_chunks = cdiv(geo.m_g, rows_per_chunk)
     da_part = _alloc((geo.groups * n_chunks, geo.r, geo.n), torch.float32, dev)
     db_part = _alloc((n_cc, geo.m, geo.r), torch.float32, dev)
     n_prog = geo.groups * n_chunks * n_cc
@@ -1082,8 +1084,8 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     dB = _alloc((geo.m, geo.r), torch.float32, dev)
     scal = _alloc((16,), torch.float32, dev)
     block = 256 if _interpret() else 1024
-    nblk_a = triton.cdiv(geo.r * geo.n, block)
-    nblk_b = triton.cdiv(geo.m * geo.r, block)
+    nblk_a = cdiv(geo.r * geo.n, block)
+    nblk_b = cdiv(geo.m * geo.r, block)
     _reduce_kernel[(nblk_a + nblk_b + 1,)](
         da_part, db_part, scal_part, dA, dB, scal, gamma,
         geo.groups * n_chunks, geo.r * geo.n, n_cc, geo.m * geo.r, n_prog, nblk_a, nblk_b,

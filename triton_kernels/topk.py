@@ -42,6 +42,8 @@ import triton.language as tl
 
 from pysnell import _backend
 
+from ._host import cdiv, next_pow2
+
 # --------------------------------------------------------------------------------------------------
 # Constants shared by the host code and the kernels.
 
@@ -728,14 +730,14 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
     s_is_ptr = int(s_tensor is not None)
     cap = cand.numel() // groups
     block = cfg.round_block
-    tiles_full = triton.cdiv(n, block)
+    tiles_full = cdiv(n, block)
     max_programs = _max_programs(device, cfg)
     use_sample = n >= cfg.sample_min_numel
     n_sample = _sample_size(n, cfg) if use_sample else 0
     stride = max(n // n_sample, 1) if use_sample else 1
     first_phase = (PH_SAMPLE if use_sample else PH_FULL).value
     # Persistent grids: enough programs for the largest source a round may read, at most max_programs.
-    programs = min(max(tiles_full, triton.cdiv(cap, block), triton.cdiv(n_sample, block), 1), max_programs)
+    programs = min(max(tiles_full, cdiv(cap, block), cdiv(n_sample, block), 1), max_programs)
     round_meta = dict(
         SAMPLE_ROUNDS=cfg.sample_rounds,
         SAMPLE_PAD=cfg.sample_pad,
@@ -752,7 +754,7 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
         for _ in range(cfg.sample_rounds):
             _round_kernel[round_grid](*head, launch, *tail, **round_meta)
             launch += 1
-        compact_tiles = triton.cdiv(n, cfg.compact_block)
+        compact_tiles = cdiv(n, cfg.compact_block)
         _compact_kernel[(min(compact_tiles, max_programs), groups)](
             rows,
             cand,
@@ -813,7 +815,7 @@ def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
     Returns (x, threshold 0-dim float32, packed uint8 mask or None)."""
     n = x.numel()
     device = x.device
-    n_bytes = triton.cdiv(n, 8)
+    n_bytes = cdiv(n, 8)
     if n == 0 or k == 0:
         # Nothing is kept: t = +inf as in the reference.
         x.zero_()
@@ -832,10 +834,10 @@ def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
     del cand  # its storage may be the packed mask, written below
     block = cfg.kmode_mask_block if mode == KMODE.value else cfg.mask_block
     warps = max(1, min(cfg.num_warps, block // 256))  # 8+ elements per thread
-    tiles = triton.cdiv(n, block)
+    tiles = cdiv(n, block)
     if mode == KMODE.value:
-        tpc = triton.next_power_of_2(triton.cdiv(tiles, cfg.max_tie_chunks))
-        n_chunks = triton.cdiv(tiles, tpc)
+        tpc = next_pow2(cdiv(tiles, cfg.max_tie_chunks))
+        n_chunks = cdiv(tiles, tpc)
         tie_counts = _empty(n_chunks, dtype=torch.int64, device=device)
         _tie_count_kernel[(n_chunks,)](
             flat, state, t_out, tie_counts, n, n_chunks, BLOCK=block, TPC=tpc, num_warps=warps
