@@ -32,7 +32,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # intermediate and the output to fp16 (≈ 5e-4 each).
 TOL = {torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 3e-2}
 
-# (in, out, nblocks) -> w1 (k, q, p), w2 (l, s, r); all with q % l == 0 (the kernels serve them)
+# (in, out, nblocks) -> w1 (k, q, p), w2 (l, s, r). The "uneven" ones have q % l != 0: an output
+# block takes rows of a varying run of stage-1 blocks, and every product runs split.
 LAYERS = {
     "square": (64, 64, 4),  # (4, 16, 16), (4, 16, 16): QL = 4
     "padded-in-cut-out": (27, 39, 2),  # (2, 14, 14), (2, 20, 14): x has 27 of 28 features, 39 of 40 outputs
@@ -41,6 +42,8 @@ LAYERS = {
     "one-block": (40, 24, 1),  # (1, 24, 40), (1, 24, 24): l = 1
     "long-blocks": (160, 96, 2),  # (2, 48, 80), (2, 48, 48): V > one tile, QL = 24 > one chunk
     "nine-blocks": (81, 81, 9),  # (9, 9, 9), (9, 9, 9): QL = 1; "auto" splits (9 blocks re-read)
+    "uneven": (50, 70, 3),  # (3, 17, 17), (3, 24, 17): q = 17, l = 3
+    "uneven-in>out": (48, 40, 4),  # (4, 10, 12), (4, 10, 10): q = 10, l = 4, 48 -> 40
 }
 BENCH_CASES = [(1024, 1024, 4), (4096, 4096, 4), (4096, 4096, 16), (768, 3072, 4), (3072, 768, 4)]
 
@@ -136,7 +139,7 @@ def test_layer_many_blocks(seed, triton_backend, plan_path):
 
 
 @pytest.mark.parametrize("plan_path", ["auto", "split"], indirect=True)
-@pytest.mark.parametrize("name", ["padded-wide", "in>out"])
+@pytest.mark.parametrize("name", ["padded-wide", "in>out", "uneven"])
 def test_layer_fp16_matches_dense_oracle(seed, triton_backend, plan_path, name):
     _check_layer(triton_backend, LAYERS[name], torch.float16)
 
@@ -151,6 +154,8 @@ def test_plans_cover_both_paths():
         assert set(tm.plan(*shapes("square")).values()) == {"split"}
     with tm.use_path("fused"):
         assert set(tm.plan(*shapes("nine-blocks")).values()) == {"fused"}
+        # the fused kernels need q % l == 0: uneven shapes stay split whatever the path
+        assert set(tm.plan(*shapes("uneven")).values()) == {"split"}
 
 
 def test_benchmark_shapes_are_served():
@@ -224,21 +229,15 @@ def test_weight_gradients_are_deterministic(seed):
         assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:])), path
 
 
-def test_unservable_shape_falls_back_exactly_and_says_so(seed, triton_backend, caplog, monkeypatch):
-    monkeypatch.setattr(pysnell._backend, "_warned", set())  # the message is logged once per process
-    sizes = (50, 70, 3)  # w1 (3, 17, 17), w2 (3, 24, 17): q = 17 is not a multiple of l = 3
-    layer = MonarchLinear(*sizes, device=DEVICE)
-    x = torch.randn(5, 50, device=DEVICE)
-    dy = torch.randn(5, 70, device=DEVICE)
+def test_uneven_permutation_runs_on_the_kernels_without_fallback(seed, triton_backend, caplog, monkeypatch):
+    # q % l != 0 used to fall back to torch; now every product runs split on the kernels
+    monkeypatch.setattr(pysnell._backend, "_warned", set())
+    sizes = (22, 22, 4)  # w1 (4, 6, 6), w2 (4, 6, 6): q = 6, l = 4, 22 of 24 features
+    (k, q, p), (l, s, r) = monarch_shapes(*sizes)
+    assert q % l
     with caplog.at_level(logging.WARNING, logger="pysnell"):
-        y, grads = _layer_run(layer, x, dy)
-    text = caplog.text
-    assert "monarch.forward (triton) cannot serve" in text and "q=17 is not a multiple of l=3" in text
-    assert "monarch.backward (triton) cannot serve" in text
-    triton_backend.set_backend("torch")
-    y_t, grads_t = _layer_run(layer, x, dy)
-    assert torch.equal(y, y_t)
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_t))
+        _check_layer(triton_backend, sizes, torch.float32, T=9)
+    assert "cannot serve" not in caplog.text
 
 
 def test_float64_falls_back_and_passes_gradcheck(seed, triton_backend, caplog, monkeypatch):
