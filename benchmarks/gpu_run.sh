@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_run.sh            # from the repository root, on the GPU machine
 #
 # Environment (all optional):
-#   OUT                where the results go (json, csv, md, png, run.log; at most 8 files)
+#   OUT                where the results go (json, csv, md, profile.md/json, png, run.log)
 #   GPU_RUN_BUDGET_S   seconds for the whole script (default 470); each step gets its own timeout
 #   PYSNELL_GIT_REV    the commit, for a tree copied without .git (else a hash of the sources)
 #   GPU_RUN_OPS        modules for the benchmark runner (default: all: topk,monarch,snell,model)
@@ -120,6 +120,9 @@ if [[ "${GPU_RUN_MICRO:-0}" == "1" ]]; then
         $PY -m pytest benchmarks/micro --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds
 fi
 
+# 3c. Step profile: host vs GPU time and the heaviest kernels of one layer step (profile.md in $OUT).
+run_step "3c step profile" "$(budget_for 75 300)" $PY -m benchmarks.profile_gpu --out "$OUT"
+
 # 4. Full benchmarks into benchmarks/results/<card>/ (rewritten after every module).
 CARD_DIR=$($PY -c "import torch; from benchmarks.runner import RESULTS_DIR, slug; print(RESULTS_DIR / slug(torch.cuda.get_device_name()))" 2>>"$LOG")
 CARD_DIR=${CARD_DIR:-benchmarks/results/unknown-gpu}
@@ -137,7 +140,8 @@ run_step "4/5 benchmarks --full" "$BENCH_S" \
     for f in results.json results.csv results.md; do [[ -f "$CARD_DIR/$f" ]] && files+=("$CARD_DIR/$f"); done
     pngs=("$CARD_DIR"/plot_*.png)
     [[ -e "${pngs[0]}" ]] || pngs=()
-    if ((${#files[@]} + ${#pngs[@]} + 1 <= 8)); then
+    already=$(find "$OUT" -maxdepth 1 -type f | wc -l) # run.log, profile.md/json
+    if ((${#files[@]} + ${#pngs[@]} + already <= 8)); then
         files+=("${pngs[@]}")
     elif ((${#pngs[@]})); then
         tar -cf "$OUT/plots.tar" -C "$CARD_DIR" $(cd "$CARD_DIR" && ls plot_*.png) && echo "plots bundled in plots.tar"

@@ -303,3 +303,20 @@ def test_ops_plot_and_tables_from_rows_with_sizes_and_errors(tmp_path, seed):
     md = report.results_markdown(meta, ["a note"], rows)
     assert "error: RuntimeError: quantile() input tensor is too large" in md and "- a note" in md
     assert "torch_quantile error" in report.summary_markdown(meta, rows)
+
+
+def test_step_profile_quick_writes_its_table(tmp_path):
+    # benchmarks.profile_gpu on CPU: host and wall times for every provider, no kernel columns
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_gpu", "--quick", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "profile.json").read_text())
+    providers = {(r["op"], r["provider"]) for r in data["rows"]}
+    assert {("snell_layer", "full_ft"), ("snell_layer", "pysnell_torch"), ("monarch", "dense")} <= providers
+    for row in data["rows"]:
+        assert "error" not in row, row
+        assert row["host_ms"] > 0 and math.isfinite(row["wall_ms"]), row
+    assert (tmp_path / "profile.md").read_text().count("\n| ") == len(data["rows"]) + 1

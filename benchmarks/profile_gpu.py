@@ -1,0 +1,208 @@
+"""Where one layer step's time goes: host (Python + launches) against GPU (kernels), kernel by kernel.
+
+    python -m benchmarks.profile_gpu [--out DIR] [--quick]
+
+For the SNELL layer (each backend, and full fine-tuning) and the Monarch layer (each backend, and
+dense) at the benchmark's target shapes, bf16 on a GPU, one fwd+bwd step is measured three ways:
+- host_ms: CPU time to enqueue one step (N steps back to back, no synchronisation, / N);
+- wall_ms: CUDA-event time of N steps back to back / N: max(host, GPU) when the host runs ahead;
+- kernel_ms: the sum of the step's kernel durations (torch.profiler), i.e. the GPU's busy time,
+  with the launch count and the kernels that take the most time.
+host_ms ≥ kernel_ms means the step is host-bound: fewer launches or less Python would speed it up,
+faster kernels would not. `--quick` runs tiny CPU shapes (host_ms and wall_ms only) to prove the
+script. Writes profile.json and profile.md under --out (default: stdout only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import pysnell
+from pysnell import _backend
+
+from . import ops_snell
+
+STEPS = 10  # back-to-back steps per measurement (≈ 20 launches each: far below the launch queue depth)
+TOP_KERNELS = 4
+# (label, T, in, out)
+SNELL_CASES = [("T12608 768x768", 12608, 768, 768), ("T12608 768x3072", 12608, 768, 3072),
+               ("T4096 4096x11008", 4096, 4096, 11008)]  # fmt: skip
+MONARCH_CASES = [("T8192 4096 nb4", 8192, 4096, 4096, 4), ("T8192 4096 nb16", 8192, 4096, 4096, 16),
+                 ("T8192 768x3072 nb4", 8192, 768, 3072, 4), ("T1 4096 nb4", 1, 4096, 4096, 4)]  # fmt: skip
+QUICK_SNELL = [("T16 24x20", 16, 24, 20)]
+QUICK_MONARCH = [("T16 32x32 nb4", 16, 32, 32, 4)]
+
+
+@contextlib.contextmanager
+def _backend_forced(name):
+    if name is None:
+        yield
+        return
+    before = pysnell.get_backend()
+    pysnell.set_backend(name)
+    try:
+        yield
+    finally:
+        pysnell.set_backend(before)
+
+
+def _sync(cuda):
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _profile_step(step, clear, cuda) -> dict:
+    """host_ms, wall_ms, and (GPU) kernel_ms, launches, top kernels of one step."""
+    for _ in range(3):  # warm-up: compiles, autotunes, fills the allocator's cache
+        clear()
+        step()
+    _sync(cuda)
+    # host: enqueue STEPS steps without waiting for the GPU
+    t0 = time.perf_counter()
+    for _ in range(STEPS):
+        clear()
+        step()
+    host_ms = (time.perf_counter() - t0) * 1e3 / STEPS
+    _sync(cuda)
+    out = {"host_ms": host_ms}
+    if not cuda:
+        out["wall_ms"] = host_ms
+        return out
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(STEPS):
+        clear()
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    out["wall_ms"] = start.elapsed_time(end) / STEPS
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            clear()
+            step()
+        torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        entry = per_kernel[event.name[:80]]
+        entry[0] += 1
+        entry[1] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+    total_us = sum(v[1] for v in per_kernel.values())
+    out["kernel_ms"] = total_us / 1e3 / STEPS
+    out["launches"] = sum(v[0] for v in per_kernel.values()) / STEPS
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:TOP_KERNELS]
+    out["top"] = [(name, count / STEPS, us / 1e3 / STEPS) for name, (count, us) in top]
+    return out
+
+
+def _snell_rows(cases, device, dtype) -> list[dict]:
+    rows = []
+    for label, T, n, m in cases:
+        case = ops_snell._Case(T, n, m, 8, dtype, device)
+        providers = [("full_ft", None, ops_snell._full_ft_provider(case))]
+        # the torch backend is the reference (17-240x full FT on an H200): profiled in quick runs only
+        for backend in ("triton", "cuda") if device != "cpu" else ("triton", "torch"):
+            if _backend.available("snell.layer_forward", backend, torch.device(device)):
+                providers.append((f"pysnell_{backend}", backend, ops_snell._pysnell_provider(case, backend)))
+        for name, backend, (forward, leaves) in providers:
+
+            def step(forward=forward, backend=backend, dy=case.dy):
+                with _backend_forced(backend):
+                    forward().backward(dy)
+
+            def clear(leaves=leaves):
+                for t in leaves:
+                    t.grad = None
+
+            rows.append(_row("snell_layer", label, name, step, clear, device))
+    return rows
+
+
+def _monarch_rows(cases, device, dtype) -> list[dict]:
+    rows = []
+    for label, T, n_in, n_out, nblocks in cases:
+        dense = torch.nn.Linear(n_in, n_out, device=device, dtype=dtype)
+        mon = pysnell.MonarchLinear(n_in, n_out, nblocks, device=device, dtype=dtype)
+        x = torch.randn(T, n_in, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(T, n_out, device=device, dtype=dtype)
+        providers = [("dense", None, dense)]
+        for backend in ("triton", "cuda", "torch"):
+            dev = torch.device(device)
+            if all(_backend.available(op, backend, dev) for op in ("monarch.forward", "monarch.backward")):
+                providers.append((f"pysnell_{backend}", backend, mon))
+        for name, backend, module in providers:
+
+            def step(module=module, backend=backend, x=x, dy=dy):
+                with _backend_forced(backend):
+                    module(x).backward(dy)
+
+            def clear(module=module, x=x):
+                x.grad = None
+                for p in module.parameters():
+                    p.grad = None
+
+            rows.append(_row("monarch", label, name, step, clear, device))
+    return rows
+
+
+def _row(op, label, provider, step, clear, device) -> dict:
+    row = {"op": op, "case": label, "provider": provider}
+    try:
+        row.update(_profile_step(step, clear, torch.device(device).type == "cuda"))
+    except Exception as exc:  # noqa: BLE001 - one provider failing must not stop the profile
+        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return row
+
+
+def format_table(rows) -> str:
+    lines = [
+        "| op | case | provider | host ms | wall ms | kernel ms | launches | bound | top kernels (ms per step) |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | error: {r['error']} ||||||")
+            continue
+        kernel = r.get("kernel_ms")
+        bound = "" if kernel is None else ("host" if r["host_ms"] >= kernel else "GPU")
+        top = "; ".join(f"{name} ×{count:g}: {ms:.3f}" for name, count, ms in r.get("top", []))
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"
+        lines.append(
+            f"| {r['op']} | {r['case']} | {r['provider']} | {r['host_ms']:.3f} | {r['wall_ms']:.3f} | "
+            f"{fmt(kernel)} | {r.get('launches', '–')} | {bound} | {top} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="directory for profile.json / profile.md")
+    parser.add_argument("--quick", action="store_true", help="tiny CPU shapes: proves the script only")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.quick
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows = _snell_rows(SNELL_CASES if cuda else QUICK_SNELL, device, dtype)
+    rows += _monarch_rows(MONARCH_CASES if cuda else QUICK_MONARCH, device, dtype)
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    table = f"## Step profile — {card} · torch {torch.__version__} · {dtype}\n\n" + format_table(rows)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.json").write_text(json.dumps({"device": card, "rows": rows}, indent=1))
+        (args.out / "profile.md").write_text(table + "\n")
+    print(table)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
