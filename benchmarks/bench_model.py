@@ -38,6 +38,8 @@ RANK = 8
 SPARSITY = 0.9
 # Adapter entries ~N(0, CHECK_STD²) for the equivalence check: large enough that S changes the loss.
 CHECK_STD = 3.0
+# The update's effect on the loss must exceed this many times the two implementations' difference.
+VACUITY_RATIO = 20
 
 
 class RefSNELLLinear(nn.Module):
@@ -295,8 +297,11 @@ def check_snell_equivalence(spec, base, batch, device, dtype) -> str:
     if not (math.isfinite(lp) and abs(lp - lr) <= tol * max(1.0, abs(lr))):
         raise AssertionError(f"SNELL check failed: {msg}, tolerance {tol}")
     if fp32:
-        # The update must move the loss far more than the two implementations differ (else the check is vacuous).
-        if not abs(lr - loss_base) > max(100 * abs(lp - lr), 1e-5 * abs(lr)):
+        # The update must move the loss far more than the two implementations differ (else the check is
+        # vacuous). 20×, not more: a random-init LLaMA's loss sits near ln(vocab) whatever its hidden
+        # states, so even a large update moves it little (an H200 run: 0.015, against 2e-4 between the
+        # two fp32 implementations); the gradient comparison below is the strict part.
+        if not abs(lr - loss_base) > max(VACUITY_RATIO * abs(lp - lr), 1e-5 * abs(lr)):
             raise AssertionError(f"SNELL check is vacuous: the update barely changes the loss ({msg})")
         # Gradients against a float64 twin of the reference: the public code's cdist takes the
         # matrix-product shortcut, whose fp32 cancellation for close points is amplified by 1/δ in
