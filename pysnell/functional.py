@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,27 +37,35 @@ def check_snell_factors(A, B, *, kernel, pieces, out_groups=1, in_features=None,
     check_same_device(A=A, B=B)
 
 
-_default_scalars: dict = {}
+_default_constants: dict = {}
+
+
+def _default_constant(key: tuple, make) -> torch.Tensor:
+    """A constant kernel tensor (default scalar or piece coefficients), made once per value, device and
+    dtype: building it in every forward costs fill launches per layer on a GPU. Under torch.compile it
+    is made in the graph. Never handed out for writing: the Functions only read their parameters."""
+    if torch.compiler.is_compiling():
+        return make()
+    t = _default_constants.get(key)
+    if t is None:
+        t = _default_constants[key] = make()
+    return t
 
 
 def _default_scalar(value: float, device, dtype) -> torch.Tensor:
-    """A constant kernel scalar, made once per device and dtype: building it in every forward costs a
-    fill-kernel launch per scalar per layer on a GPU. Under torch.compile it is made in the graph."""
-    if torch.compiler.is_compiling():
-        return torch.full((), value, device=device, dtype=dtype)
-    key = (value, device, dtype)
-    t = _default_scalars.get(key)
-    if t is None:
-        # torch.full, not torch.tensor: copying a host value to a GPU synchronises the stream
-        t = _default_scalars[key] = torch.full((), value, device=device, dtype=dtype)
-    return t
+    # torch.full, not torch.tensor: copying a host value to a GPU synchronises the stream
+    return _default_constant(
+        ("scalar", value, device, dtype), lambda: torch.full((), value, device=device, dtype=dtype)
+    )
 
 
 def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, gamma=None):
     """Fill in the kernel's tensor parameters (defaults: spec init values, no gradient)."""
     dev, dt = A.device, A.dtype
     if coeffs is None:
-        coeffs = ref.default_coeffs(pieces, scale, device=dev, dtype=dt)
+        coeffs = _default_constant(
+            ("coeffs", pieces, float(scale), dev, dt), lambda: ref.default_coeffs(pieces, scale, device=dev, dtype=dt)
+        )
     elif coeffs.shape != (pieces,):
         raise ValueError(f"coeffs must have shape (pieces={pieces},), got {tuple(coeffs.shape)}")
     init = ref.SCALAR_INIT.get(kernel, {"alpha": 1.0, "beta": 1.0, "gamma": 0.0})
@@ -65,9 +75,9 @@ def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, 
             value = _default_scalar(init[name], dev, dt)
         elif not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError(f"{name} must be a 1-element tensor, got {value!r}")
-        out.append(value.reshape(()))
+        out.append(value if value.dim() == 0 else value.reshape(()))
     check_same_device(A=A, coeffs=coeffs, alpha=out[0], beta=out[1], gamma=out[2])
-    return (coeffs.to(dt),) + tuple(v.to(dt) for v in out)
+    return (coeffs if coeffs.dtype == dt else coeffs.to(dt),) + tuple(v if v.dtype == dt else v.to(dt) for v in out)
 
 
 def kernel_merge(
@@ -171,7 +181,9 @@ def snell_linear(
     A, B = _common_dtype(A, B)
     params = kernel_params(A, kernel, pieces, scale, coeffs, alpha, beta, gamma)
     spec = SnellSpec(kernel, pieces, mode, out_groups)
-    with torch.autocast(dev, enabled=False):
+    # Autocast is switched off around the Function only when it is on: entering the context costs µs per layer.
+    no_autocast = torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+    with no_autocast:
         if training and (dropout > 0.0 or drop_path > 0.0):
             # Reference branch form: frozen GEMM plus a separately regularised SNELL branch.
             b = None if bias is None else bias.to(x.dtype)

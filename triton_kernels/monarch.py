@@ -544,8 +544,12 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, next_pow2(n))
 
 
+# Triton picks the interpreter when a kernel is decorated (at import), so this is fixed per process.
+_INTERPRETED = _backend.triton_interpret()
+
+
 def _interpreting() -> bool:
-    return _backend.triton_interpret()
+    return _INTERPRETED
 
 
 def _precision(dtype) -> str:
@@ -981,7 +985,10 @@ def plan(w1_shape, w2_shape) -> dict:
 
 
 def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current device: switch to the tensors' one when it is another."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def monarch_forward(x2, w1, w2, bias, out_features):

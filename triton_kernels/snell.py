@@ -779,8 +779,12 @@ def _reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
+# Triton picks the interpreter when a kernel is decorated (at import), so this is fixed per process.
+_INTERPRETED = _backend.triton_interpret()
+
+
 def _interpret() -> bool:
-    return _backend.triton_interpret()
+    return _INTERPRETED
 
 
 def _num_sms(device) -> int:
@@ -821,6 +825,8 @@ _sparsity_cache: dict = {}
 def _sparsity_device(sparsity, device) -> torch.Tensor:
     """A 0-dim float64 tensor on `device` (no launch for a repeated Python float, no sync)."""
     if isinstance(sparsity, torch.Tensor):
+        if sparsity.dtype == torch.float64 and sparsity.device == device and sparsity.dim() == 0:
+            return sparsity.detach()
         return sparsity.detach().to(device=device, dtype=torch.float64).reshape(())
     key = (float(sparsity), str(device))
     t = _sparsity_cache.get(key)
@@ -871,6 +877,10 @@ def _warn_fallback(reason: str) -> None:
         log.warning("pysnell: triton SNELL layer falls back to torch (%s)", reason)
 
 
+def _scalar(t):
+    return t if t.dim() == 0 else t.reshape(())
+
+
 class _Geometry:
     """Static sizes and kernel switches of one call."""
 
@@ -890,9 +900,9 @@ class _Geometry:
             A.contiguous(),
             B.contiguous(),
             params.coeffs.contiguous(),
-            params.alpha.reshape(()),
-            params.beta.reshape(()),
-            params.gamma.reshape(()),
+            _scalar(params.alpha),
+            _scalar(params.beta),
+            _scalar(params.gamma),
         )
 
     @property
@@ -1004,7 +1014,7 @@ def _on_device(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         dev = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if dev.type != "cuda":
+        if dev.type != "cuda" or dev.index == torch.cuda.current_device():
             return fn(*args, **kwargs)
         with torch.cuda.device(dev):
             return fn(*args, **kwargs)
