@@ -320,3 +320,21 @@ def test_step_profile_quick_writes_its_table(tmp_path):
         assert "error" not in row, row
         assert row["host_ms"] > 0 and math.isfinite(row["wall_ms"]), row
     assert (tmp_path / "profile.md").read_text().count("\n| ") == len(data["rows"]) + 1
+
+
+def test_host_cost_counts_launches_on_cpu():
+    # benchmarks.host_cost: launches per layer step are device-independent facts; check a few
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_cost", "--steps", "5"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "µs" not in line}  # fmt: skip
+    assert rows[("nn.Linear (full FT)", "fwd")].split("|")[3].strip().startswith("0 ")  # no Triton kernel
+    assert "weff_kernel ×1" in rows[("SNELLLinear r=8", "fwd")]  # W0 + S written once per forward
+    assert "backward_kernel ×1" in rows[("SNELLLinear r=8", "fwd+bwd")]
+    assert "two_stage_kernel ×1" in rows[("MonarchLinear nb=4", "fwd")]
+    for line in rows.values():
+        assert float(line.split("|")[5]) > 0
