@@ -2,7 +2,8 @@
 
 Design (measured choices are in the README / benchmarks/ops_snell.py):
 - ΔW is never stored. Every kernel regenerates its ΔW tile in registers from A and B
-  (piecewise, linear, snella; snella first gets each column's softmax max / sum-exp per group).
+  (all five kernels: piecewise, linear, rbf, sigmoid, snella; snella first gets each column's
+  softmax max / sum-exp per group).
 - Selection is an exact radix-style search over the order-preserving integer key of |ΔW|
   (u = bits(|ΔW|) + 1, NaN -> 0, so NaN ranks below everything, as in the reference). Each pass
   regenerates ΔW, counts the keys below / inside / above a key range and histograms the keys
@@ -38,7 +39,8 @@ from ._host import cdiv, next_pow2
 
 log = logging.getLogger("pysnell")
 
-_KERNEL_IDS = {"linear": 0, "piecewise": 1, "snella": 2}
+_KERNEL_IDS = {"linear": 0, "piecewise": 1, "snella": 2, "rbf": 3, "sigmoid": 4}
+_PIECEWISE_KERNELS = ("piecewise", "snella")  # the ones made of pieces (coefficients c_p)
 _MODE_IDS = {"reference": 0, "paper": 1, "mask": 2}
 _FACTOR_DTYPES = (torch.float32,)
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -82,14 +84,24 @@ _COARSE = tl.constexpr(256)
 def _regen(
     a_ptr, b_ptr, coeff_ptr, rows, cols, rmask, cmask, n, R: tl.constexpr, PIECES: tl.constexpr, KERNEL: tl.constexpr
 ):
-    """κ(b_i, a_j) before the snella softmax: (value, per-piece distances, per-piece 1/distance).
+    """The kernel's inner quantity for b_i, a_j, and per-piece distances and 1/distances.
 
+    linear and sigmoid: L = b·a; piecewise and snella: D = Σ_p c_p‖b^p − a^p‖ (before the snella
+    softmax); rbf: ‖b − a‖² over all r dims (_delta_tile applies α, β, γ).
     rows / cols broadcast against each other ([BM,1] x [1,BN] tiles or two [BLK] gathers).
     Distances are sqrt(Σ (b - a)²) (never the |a|²+|b|²-2ab expansion, which cancels).
     """
     dists = ()
     invs = ()
-    if KERNEL == 0:
+    if KERNEL == 3:
+        for k in tl.static_range(R):
+            bk = tl.load(b_ptr + rows * R + k, mask=rmask, other=0.0)
+            diff = bk - tl.load(a_ptr + k * n + cols, mask=cmask, other=0.0)
+            if k == 0:
+                acc = diff * diff
+            else:
+                acc += diff * diff
+    elif KERNEL == 0 or KERNEL == 4:
         for k in tl.static_range(R):
             bk = tl.load(b_ptr + rows * R + k, mask=rmask, other=0.0)
             prod = bk * tl.load(a_ptr + k * n + cols, mask=cmask, other=0.0)
@@ -152,6 +164,10 @@ def _delta_tile(
     if KERNEL == 2:
         P, z = _snella_softmax(D, tl.load(gamma_ptr), stat_ptr, g, cols, cmask, n)
         D = D + tl.load(alpha_ptr) * P + tl.load(beta_ptr)
+    elif KERNEL == 3:
+        D = tl.load(alpha_ptr) * tl.exp(-tl.load(beta_ptr) * D) + tl.load(gamma_ptr)
+    elif KERNEL == 4:
+        D = tl.load(alpha_ptr) * tl.sigmoid(tl.load(beta_ptr) * D) + tl.load(gamma_ptr)
     return D
 
 
@@ -643,7 +659,7 @@ def _backward_kernel(
     else:
         t = 0.0
         zero = False
-    if KERNEL == 2:
+    if KERNEL >= 2:
         alpha = tl.load(alpha_ptr)
         beta = tl.load(beta_ptr)
         gamma = tl.load(gamma_ptr)
@@ -661,9 +677,9 @@ def _backward_kernel(
         # a_blk[c, j] = A[c, j] for c < R (zero elsewhere); at_ops[p][j, c]: the piece-p columns, ones at c == R.
         a_blk = tl.load(a_ptr + kk[:, None] * n + cols[None, :], mask=(kk[:, None] < R) & cmask[None, :], other=0.0)
         at_ops = ()
-        if KERNEL == 0:
+        if KERNEL == 0 or KERNEL == 4:
             at_ops = at_ops + (tl.trans(a_blk),)
-        else:
+        else:  # distance kernels: one operand per piece (rbf: PIECES = 1, one piece of all r dims)
             DP: tl.constexpr = R // PIECES
             for p in tl.static_range(PIECES):
                 in_piece = (kk >= p * DP) & (kk < (p + 1) * DP)
@@ -684,6 +700,12 @@ def _backward_kernel(
             if KERNEL == 2:
                 P, z = _snella_softmax(D, gamma, stat_ptr, g, cols[None, :], cmask[None, :], n)
                 dw = D + alpha * P + beta
+            elif KERNEL == 3:
+                K = tl.exp(-beta * D)  # D = ‖b − a‖²
+                dw = alpha * K + gamma
+            elif KERNEL == 4:
+                sg = tl.sigmoid(beta * D)  # D = b·a
+                dw = alpha * sg + gamma
             else:
                 dw = D
             gd = _sparsify_grad(gv, dw, t, zero, MODE, SPARSIFY)
@@ -699,18 +721,35 @@ def _backward_kernel(
                 scal += tl.where(sidx == 9, tl.sum(gd), 0.0)
                 scal += tl.where(sidx == 10, tl.sum(dz * z), 0.0)
                 dd = gd + dz / gamma
+            elif KERNEL == 3:
+                # dα = Σ G·K, dβ = −α Σ G·K·‖b−a‖², dγ = Σ G; E = −2αβ·G·K on the distance form
+                gk = tl.where(valid, gd * K, 0.0)
+                scal += tl.where(sidx == 8, tl.sum(gk), 0.0)
+                scal += tl.where(sidx == 9, -alpha * tl.sum(gk * D), 0.0)
+                scal += tl.where(sidx == 10, tl.sum(gd), 0.0)
+                dd = (-2.0 * alpha * beta) * gk
+            elif KERNEL == 4:
+                # dα = Σ G·σ, H = α·G·σ(1−σ), dβ = Σ H·L, dγ = Σ G; E = β·H on the dot form
+                h = tl.where(valid, alpha * gd * sg * (1.0 - sg), 0.0)
+                scal += tl.where(sidx == 8, tl.sum(tl.where(valid, gd * sg, 0.0)), 0.0)
+                scal += tl.where(sidx == 9, tl.sum(h * D), 0.0)
+                scal += tl.where(sidx == 10, tl.sum(gd), 0.0)
+                dd = beta * h
             else:
                 dd = gd
             # b_blk[i, c] = B[i, c] for c < R
             b_blk = tl.load(b_ptr + rows[:, None] * R + kk[None, :], mask=rmask[:, None] & (kk[None, :] < R), other=0.0)
-            if KERNEL == 0:
+            if KERNEL == 0 or KERNEL == 4:
                 db_tile = tl.dot(dd, at_ops[0], input_precision=DOT_PRECISION)
                 acc_a += tl.dot(tl.trans(b_blk), dd, input_precision=DOT_PRECISION)
             else:
                 db_tile = tl.zeros([BM, RP], dtype=tl.float32)
                 for p in tl.static_range(PIECES):
-                    scal += tl.where(sidx == p, tl.sum(dd * dists[p]), 0.0)
-                    e = tl.load(coeff_ptr + p) * dd * invs[p]
+                    if KERNEL == 3:
+                        e = dd  # E = −2αβ·G·K, formed above
+                    else:
+                        scal += tl.where(sidx == p, tl.sum(dd * dists[p]), 0.0)
+                        e = tl.load(coeff_ptr + p) * dd * invs[p]
                     in_piece = (kk >= p * DP) & (kk < (p + 1) * DP)
                     bt = tl.where(in_piece[None, :], b_blk, 0.0)
                     bt = tl.where((kk[None, :] == R) & rmask[:, None], 1.0, bt)
@@ -859,7 +898,7 @@ def _fallback_reason(x2, A, B, params, spec, weight=None):
         return f"activations in {x2.dtype}"
     if weight is not None and weight.dtype not in _ACT_DTYPES:
         return f"weight in {weight.dtype}"
-    if spec.kernel != "linear" and spec.pieces > _MAX_PIECES:
+    if spec.kernel in _PIECEWISE_KERNELS and spec.pieces > _MAX_PIECES:
         return f"pieces={spec.pieces} > {_MAX_PIECES}"
     m, n = B.shape[0], A.shape[1]
     if m == 0 or n == 0:
@@ -891,7 +930,8 @@ class _Geometry:
         self.groups = spec.out_groups
         self.m_g = self.m // self.groups
         self.kernel = _KERNEL_IDS[spec.kernel]
-        self.pieces = 1 if spec.kernel == "linear" else spec.pieces
+        # rbf is one "piece" of all r dims in the distance form; linear and sigmoid have no pieces
+        self.pieces = spec.pieces if spec.kernel in _PIECEWISE_KERNELS else 1
         self.mode = _MODE_IDS[spec.mode]
         # padded rank: one spare column for the all-ones operand, and dot operands need >= 16
         self.rp = max(16, next_pow2(self.r + 1))
@@ -1109,8 +1149,8 @@ def _scalar_grads(geo, scal, needs):
     need_c, need_a, need_b, need_g = needs
     if geo.kernel == 0:
         return None, None, None, None
-    dcoeffs = scal[: geo.pieces].clone() if need_c else None
-    if geo.kernel != 2:
+    dcoeffs = scal[: geo.pieces].clone() if need_c and geo.kernel in (1, 2) else None
+    if geo.kernel == 1:
         return dcoeffs, None, None, None
     return (
         dcoeffs,
