@@ -656,12 +656,14 @@ def _gemm_tiles(K, J, dtype):
     return 128, 64, BJ, 8, 3
 
 
-def _wgrad_tiles(I, J, dtype):
+def _wgrad_tiles(I, J, dtype, gathered=False):
+    """gathered: the a operand's columns are a scattered index map (q % l != 0), loaded element by
+    element; 16-bit tiles half as wide keep its addresses in registers (sm_90 spills at 128)."""
     if _interpreting():
         return 32, min(_pow2(I), 32), min(_pow2(J), 32), 4, 1
     if dtype == torch.float32:
         return 32, min(_pow2(I), 64), min(_pow2(J), 128), 4, 3
-    return 64, min(_pow2(I), 128), min(_pow2(J), 128), 8, 3
+    return 64, min(_pow2(I), 64 if gathered else 128), min(_pow2(J), 128), 8, 3
 
 
 def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J):
@@ -772,7 +774,7 @@ def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, 
 
 def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
     T = a.shape[0]
-    BT, BI, BJ, warps, stages = _wgrad_tiles(I, J, a.dtype)
+    BT, BI, BJ, warps, stages = _wgrad_tiles(I, J, a.dtype, gathered=maps.get("A_G", 0) != 0)
     maps = {"A_G": 0, **maps}
     tiles_ij = cdiv(I, BI) * cdiv(J, BJ)
     numel = w_shape[0] * w_shape[1] * w_shape[2]
