@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -38,19 +37,6 @@ MONARCH_CASES = [("T8192 4096 nb4", 8192, 4096, 4096, 4), ("T8192 4096 nb16", 81
                  ("T8192 768x3072 nb4", 8192, 768, 3072, 4), ("T1 4096 nb4", 1, 4096, 4096, 4)]  # fmt: skip
 QUICK_SNELL = [("T16 24x20", 16, 24, 20)]
 QUICK_MONARCH = [("T16 32x32 nb4", 16, 32, 32, 4)]
-
-
-@contextlib.contextmanager
-def _backend_forced(name):
-    if name is None:
-        yield
-        return
-    before = pysnell.get_backend()
-    pysnell.set_backend(name)
-    try:
-        yield
-    finally:
-        pysnell.set_backend(before)
 
 
 def _sync(cuda):
@@ -117,7 +103,7 @@ def _snell_rows(cases, device, dtype) -> list[dict]:
         for name, backend, (forward, leaves) in providers:
 
             def step(forward=forward, backend=backend, dy=case.dy):
-                with _backend_forced(backend):
+                with ops_snell._forced_backend(backend):
                     forward().backward(dy)
 
             def clear(leaves=leaves):
@@ -143,7 +129,7 @@ def _monarch_rows(cases, device, dtype) -> list[dict]:
         for name, backend, module in providers:
 
             def step(module=module, backend=backend, x=x, dy=dy):
-                with _backend_forced(backend):
+                with ops_snell._forced_backend(backend):
                     module(x).backward(dy)
 
             def clear(module=module, x=x):
