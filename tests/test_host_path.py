@@ -82,3 +82,24 @@ def test_topk_mask_has_no_host_crossing(seed, triton_backend, how):
     kwargs = {"sparsity": 0.9} if how == "sparsity" else {"k": 100}
     assert _crossings_of(lambda: pysnell.topk_mask_(x.clone(), **kwargs)) == {}
     assert pysnell.last_backend("topk.mask_") == "triton"
+
+
+@pytest.mark.parametrize("family", ["topk", "snell", "monarch"])
+def test_kernel_constants_compare_cheaply_at_launch(family):
+    # Triton compares every global constant a kernel uses before each launch; tl.constexpr's `!=`
+    # costs ~1 µs, so the kernel modules' constants are KernelConstants (a plain value comparison)
+    import copy
+    import importlib
+
+    import triton.language as tl
+
+    from pysnell.triton_kernels._host import KernelConstant
+
+    module = importlib.import_module(f"pysnell.triton_kernels.{family}")
+    constants = {name: v for name, v in vars(module).items() if isinstance(v, tl.constexpr)}
+    slow = sorted(name for name, v in constants.items() if type(v) is not KernelConstant)
+    assert not slow, f"module-level tl.constexpr in {family}: {slow}"
+    for value in constants.values():
+        twin = copy.deepcopy(value)  # what Triton keeps from compile time
+        assert type(twin) is KernelConstant and (twin != value) is False
+        assert (KernelConstant(value.value + 1) != value) is True

@@ -1,9 +1,17 @@
-"""Integer helpers for host code.
+"""Host-side helpers shared by the kernel families.
 
-`triton.cdiv` and `triton.next_power_of_2` are constexpr functions in Triton 3.x: a host call costs
-a few µs (argument unwrapping), about 150× a plain integer expression, and a layer's fwd+bwd makes
-dozens of them. Kernels keep using `tl.cdiv`; host code uses these.
+- `cdiv` and `next_pow2`: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in
+  Triton 3.x; a host call costs a few µs (argument unwrapping), about 150× a plain integer
+  expression, and a layer's fwd+bwd makes dozens of them. Kernels keep using `tl.cdiv`.
+- `KernelConstant`: a module-level constant for kernels. Before every launch Triton checks that
+  each global constant a kernel uses still has the value it was compiled with (`new != old` per
+  constant), and `tl.constexpr.__ne__` costs about 1 µs: the top-k round kernel, with 22 such
+  constants, spent ~20 of its ~30 µs of launch overhead there. A KernelConstant's `!=` against
+  another one is a plain value comparison; everywhere else (inside kernels, in the compile cache
+  key) it is an ordinary `tl.constexpr`.
 """
+
+import triton.language as tl
 
 
 def cdiv(a: int, b: int) -> int:
@@ -14,3 +22,13 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two ≥ n (n ≥ 1), as triton.next_power_of_2."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+class KernelConstant(tl.constexpr):
+    """A tl.constexpr whose `!=` against another KernelConstant (the launch-time check) is a plain
+    value comparison."""
+
+    def __ne__(self, other):
+        if type(other) is KernelConstant:
+            return self.value != other.value
+        return super().__ne__(other)

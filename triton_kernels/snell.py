@@ -35,7 +35,7 @@ from pysnell import _backend
 from pysnell.ops.snell import reference as ref
 from pysnell.ops.snell.function import _torch_layer_backward, _torch_layer_forward
 
-from ._host import cdiv, next_pow2
+from ._host import KernelConstant, cdiv, next_pow2
 
 log = logging.getLogger("pysnell")
 
@@ -67,14 +67,14 @@ KEEP_DEBUG_STATE = False
 last_selection = None
 
 # Constants used inside the kernels.
-_MAXV = tl.constexpr(0x7F800001)  # key of +inf; the largest key
-_F_INIT = tl.constexpr(1)
-_F_DONE = tl.constexpr(2)
-_F_WIDE = tl.constexpr(4)
-_F_KNOWN_LO = tl.constexpr(8)
-_F_KNOWN_HI = tl.constexpr(16)
-_NSCAL = tl.constexpr(16)  # scalar partial slots: 0..7 dcoeffs, 8 dalpha, 9 dbeta, 10 Σ dZ·Z
-_COARSE = tl.constexpr(256)
+_MAXV = KernelConstant(0x7F800001)  # key of +inf; the largest key
+_F_INIT = KernelConstant(1)
+_F_DONE = KernelConstant(2)
+_F_WIDE = KernelConstant(4)
+_F_KNOWN_LO = KernelConstant(8)
+_F_KNOWN_HI = KernelConstant(16)
+_NSCAL = KernelConstant(16)  # scalar partial slots: 0..7 dcoeffs, 8 dalpha, 9 dbeta, 10 Σ dZ·Z
+_COARSE = KernelConstant(256)
 
 
 # ----------------------------------------------------------------------------------------------

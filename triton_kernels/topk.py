@@ -42,46 +42,46 @@ import triton.language as tl
 
 from pysnell import _backend
 
-from ._host import cdiv, next_pow2
+from ._host import KernelConstant, cdiv, next_pow2
 
 # --------------------------------------------------------------------------------------------------
 # Constants shared by the host code and the kernels.
 
-MAXKEY = tl.constexpr(0x7F800001)  # key of +inf, the largest key
-NONE_ABOVE = tl.constexpr(0x7FFFFFFF)  # "no key above the window": larger than every key
-NBINS = tl.constexpr(256)
+MAXKEY = KernelConstant(0x7F800001)  # key of +inf, the largest key
+NONE_ABOVE = KernelConstant(0x7FFFFFFF)  # "no key above the window": larger than every key
+NBINS = KernelConstant(256)
 
-QUANTILE = tl.constexpr(0)
-KMODE = tl.constexpr(1)
+QUANTILE = KernelConstant(0)
+KMODE = KernelConstant(1)
 
 # Phases of one row's selection (state field PHASE).
-PH_INIT = tl.constexpr(0)
-PH_SAMPLE = tl.constexpr(1)
-PH_COMPACT = tl.constexpr(2)
-PH_FULL = tl.constexpr(3)
-PH_CAND = tl.constexpr(4)
-PH_DONE = tl.constexpr(5)
-TRACE_COMPACT = tl.constexpr(1 << 2)  # bit PH_COMPACT of F_TRACE
+PH_INIT = KernelConstant(0)
+PH_SAMPLE = KernelConstant(1)
+PH_COMPACT = KernelConstant(2)
+PH_FULL = KernelConstant(3)
+PH_CAND = KernelConstant(4)
+PH_DONE = KernelConstant(5)
+TRACE_COMPACT = KernelConstant(1 << 2)  # bit PH_COMPACT of F_TRACE
 
 # State block per row (int64 fields).
-F_PHASE = tl.constexpr(0)  # (number of the launch that wrote it) << 8 | phase
-F_WLO = tl.constexpr(1)  # key window, inclusive
-F_WHI = tl.constexpr(2)
-F_BASE = tl.constexpr(3)  # number of keys below the window (full-row ranks)
-F_SHIFT = tl.constexpr(4)  # histogram bin = (key - WLO) >> SHIFT
-F_NCAND = tl.constexpr(5)  # keys in the candidate buffer
-F_ABOVE = tl.constexpr(6)  # smallest key above the candidates' window (candidate rounds)
-F_SROUND = tl.constexpr(7)  # sample rounds done
-F_NEED = tl.constexpr(8)  # k-mode: ties to keep
-F_PARTIAL = tl.constexpr(9)  # k-mode: 1 when only some ties are kept
-F_TRACE = tl.constexpr(10)  # bit p set when a round of phase p was resolved (for tests)
-F_TICKET = tl.constexpr(16)  # counters of the running round, reset by its last program
-F_BELOW = tl.constexpr(17)
-F_NIN = tl.constexpr(18)
-F_NEGABOVE = tl.constexpr(19)  # max of (NONE_ABOVE - key) over keys above the window
-F_TIE_TICKET = tl.constexpr(20)
-F_HIST = tl.constexpr(32)
-STATE_STRIDE = tl.constexpr(32 + 256)
+F_PHASE = KernelConstant(0)  # (number of the launch that wrote it) << 8 | phase
+F_WLO = KernelConstant(1)  # key window, inclusive
+F_WHI = KernelConstant(2)
+F_BASE = KernelConstant(3)  # number of keys below the window (full-row ranks)
+F_SHIFT = KernelConstant(4)  # histogram bin = (key - WLO) >> SHIFT
+F_NCAND = KernelConstant(5)  # keys in the candidate buffer
+F_ABOVE = KernelConstant(6)  # smallest key above the candidates' window (candidate rounds)
+F_SROUND = KernelConstant(7)  # sample rounds done
+F_NEED = KernelConstant(8)  # k-mode: ties to keep
+F_PARTIAL = KernelConstant(9)  # k-mode: 1 when only some ties are kept
+F_TRACE = KernelConstant(10)  # bit p set when a round of phase p was resolved (for tests)
+F_TICKET = KernelConstant(16)  # counters of the running round, reset by its last program
+F_BELOW = KernelConstant(17)
+F_NIN = KernelConstant(18)
+F_NEGABOVE = KernelConstant(19)  # max of (NONE_ABOVE - key) over keys above the window
+F_TIE_TICKET = KernelConstant(20)
+F_HIST = KernelConstant(32)
+STATE_STRIDE = KernelConstant(32 + 256)
 
 _HIST_ROUNDS = 4  # 31 key bits, 8 per round
 
