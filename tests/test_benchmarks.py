@@ -338,3 +338,24 @@ def test_host_cost_counts_launches_on_cpu():
     assert "two_stage_kernel ×1" in rows[("MonarchLinear nb=4", "fwd")]
     for line in rows.values():
         assert float(line.split("|")[5]) > 0
+
+
+@pytest.mark.slow
+def test_launch_cost_times_every_kernel_launch(tmp_path):
+    # benchmarks.launch_cost compiles for sm_90 with Triton's ptxas and times the launch path
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("this Triton has no NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.launch_cost", "--reps", "20"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    totals = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if "launches**" in line}
+    assert set(totals) == {"SNELL layer fwd", "SNELL layer bwd", "Monarch fwd", "Monarch bwd", "top-k mask_"}
+    kernels = {line.split("|")[2].strip() for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert {"_select_pass_kernel", "_weff_kernel", "_backward_kernel", "_round_kernel", "_mask_kernel"} <= kernels
+    for line in totals.values():
+        assert float(line.split("|")[5].strip(" *")) > 0

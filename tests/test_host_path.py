@@ -92,7 +92,6 @@ def test_kernel_constants_compare_cheaply_at_launch(family):
     import importlib
 
     import triton.language as tl
-
     from pysnell.triton_kernels._host import KernelConstant
 
     module = importlib.import_module(f"pysnell.triton_kernels.{family}")

@@ -1,0 +1,113 @@
+"""Triton's Python launch cost per pysnell kernel, measured without a GPU.
+
+    python -m benchmarks.launch_cost
+
+Every Triton launch runs Python before the driver call: binding and specialising the arguments,
+the compile-cache lookup, and a check that each global constant the kernel uses is unchanged.
+On a small layer step that cost, times the launches per step, can exceed the kernels' own time.
+This script swaps in a driver that targets sm_90 and never launches, compiles each kernel of a
+SNELL layer step, a Monarch layer step and a top-k call once (Triton's bundled ptxas), then times
+`JITFunction.run(..., warmup=True)` on the cache hit: the whole Python path of a launch except
+the final driver call (a few µs more on a GPU host). Times are this CPU's; compare versions here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no launch path to time
+    raise SystemExit("benchmarks.launch_cost compiles for sm_90: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton.runtime.jit as jit  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+
+class _CompileOnly:
+    """A Triton driver that targets an H100 (sm_90) and never launches."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _capture(calls: list):
+    """Replace JITFunction.run so every launch compiles (warmup) and is recorded."""
+    run = jit.JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        calls.append((self, args, grid, kwargs))
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    jit.JITFunction.run = compile_only
+    return run
+
+
+def _workloads():
+    """One call of each op family on CPU tensors shaped like a small GPU step (bf16)."""
+    from pysnell.triton_kernels import monarch, snell, topk
+
+    from pysnell.functional import kernel_params
+    from pysnell.ops.monarch.function import monarch_shapes
+    from pysnell.ops.snell.reference import KernelParams, SnellSpec
+
+    snell._INTERPRETED = monarch._INTERPRETED = False  # GPU tile choices
+    m = n = 768
+    A, B = torch.rand(8, n) * 0.1, torch.rand(m, 8) * 0.1
+    params = KernelParams(*kernel_params(A, "piecewise", 2, 0.1))
+    spec = SnellSpec("piecewise", 2, "reference", 1)
+    x, W, dy = (torch.randn(s, dtype=torch.bfloat16) for s in ((64, n), (m, n), (64, m)))
+    yield "SNELL layer fwd", lambda: snell.layer_forward(x, W, None, A, B, params, spec, 0.9)
+    t = torch.zeros(1)
+    yield "SNELL layer bwd", lambda: snell.layer_backward(dy, x, W, A, B, params, spec, 0.9, t, (True,) * 9)
+    w1s, w2s = monarch_shapes(1024, 1024, 4)
+    w1, w2 = torch.randn(w1s, dtype=torch.bfloat16), torch.randn(w2s, dtype=torch.bfloat16)
+    xm, dym, bias = torch.randn(64, 1024, dtype=torch.bfloat16), torch.randn(64, 1024, dtype=torch.bfloat16), None
+    yield "Monarch fwd", lambda: monarch.monarch_forward(xm, w1, w2, bias, 1024)
+    yield "Monarch bwd", lambda: monarch.monarch_backward(dym, xm, w1, w2, (True, True, True))
+    xt = torch.randn(768, 768)
+    yield "top-k mask_", lambda: topk.topk_mask_(xt, 0.9, None, False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=1000)
+    args = parser.parse_args(argv)
+    driver.set_active(_CompileOnly())
+    calls: list = []
+    run = _capture(calls)
+    steps = []
+    for label, fn in _workloads():
+        first = len(calls)
+        fn()
+        steps.append((label, calls[first:]))
+    jit.JITFunction.run = run
+    print("Triton launch cost (Python, compile-cache hit, no driver call), this CPU")
+    print("| op | kernel | args | global constants | µs per launch |")
+    print("|---|---|---:|---:|---:|")
+    for label, launches in steps:
+        total = 0.0
+        for fn, fargs, grid, kwargs in launches:
+            for _ in range(10):
+                run(fn, *fargs, grid=grid, warmup=True, **kwargs)
+            t0 = time.perf_counter()
+            for _ in range(args.reps):
+                run(fn, *fargs, grid=grid, warmup=True, **kwargs)
+            us = (time.perf_counter() - t0) * 1e6 / args.reps
+            total += us
+            n_args = len(fargs) + len(kwargs)
+            print(f"| {label} | {fn.fn.__name__} | {n_args} | {len(fn.used_global_vals)} | {us:.1f} |")
+        print(f"| {label} | **all {len(launches)} launches** | | | **{total:.1f}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
