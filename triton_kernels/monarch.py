@@ -554,7 +554,7 @@ def _interpreting() -> bool:
 
 def _precision(dtype) -> str:
     # fp32 stays IEEE fp32 unless torch itself allows TF32 for matmuls (same math as the torch backend).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 
@@ -973,17 +973,23 @@ def _dw1_from_dmid(dmid, x2, w1, w2):
 
 def plan(w1_shape, w2_shape) -> dict:
     """Which kernel serves each product for these factor shapes ("fused" or "split")."""
+    # cached per shape and setting (it runs on every forward and backward)
+    return dict(_plan(tuple(w1_shape), tuple(w2_shape), _path, MAX_ONCHIP, MAX_FUSED_REREADS))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(w1_shape, w2_shape, path, max_onchip, max_rereads) -> tuple:
     k, q, p = w1_shape
     l, s, _ = w2_shape
     # q % l != 0: an output block takes rows from a varying run of stage-1 blocks, so only the split
     # kernels (the permutation as an index map over the intermediate in memory) serve it.
     pick = lambda width, rereads: "fused" if q % l == 0 and _fused_ok(width, rereads) else "split"
-    return {
-        "forward": pick(s, l),  # reads x once per output block
-        "dw2": pick(s, max(k, l)),
-        "dw1": pick(p, max(k, l)),
-        "dx": pick(p, k),  # reads dy once per input block
-    }
+    return (
+        ("forward", pick(s, l)),  # reads x once per output block
+        ("dw2", pick(s, max(k, l))),
+        ("dw1", pick(p, max(k, l))),
+        ("dx", pick(p, k)),  # reads dy once per input block
+    )
 
 
 def _device_ctx(t):

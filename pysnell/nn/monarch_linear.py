@@ -67,10 +67,13 @@ class MonarchLinear(nn.Module):
             raise ValueError(f"x must have in_features={self.in_features} in its last dim, got {tuple(x.shape)}")
         check_same_device(x=x, blkdiag1=self.blkdiag1, blkdiag2=self.blkdiag2)
         dt = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:
             dt = torch.get_autocast_dtype(x.device.type)  # autocast's dtype, bf16 stays bf16
         w1, w2 = self.blkdiag1.to(dt), self.blkdiag2.to(dt)
         bias = None if self.bias is None else self.bias.to(dt)
+        if not autocast:
+            return MonarchMatmulFunction.apply(x, w1, w2, bias, self.out_features)
         with torch.autocast(x.device.type, enabled=False):
             return MonarchMatmulFunction.apply(x.to(dt), w1, w2, bias, self.out_features)
 
