@@ -80,7 +80,17 @@ def _workloads():
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=1000)
+    parser.add_argument(
+        "--plain-constexpr",
+        action="store_true",
+        help="kernel constants as plain tl.constexpr (what KernelConstant replaced), for comparison",
+    )
     args = parser.parse_args(argv)
+    if args.plain_constexpr:
+        import triton.language as tl
+        from pysnell.triton_kernels import _host
+
+        _host.KernelConstant = tl.constexpr  # before the kernel modules import it
     driver.set_active(_CompileOnly())
     calls: list = []
     run = _capture(calls)
