@@ -359,3 +359,16 @@ def test_launch_cost_times_every_kernel_launch(tmp_path):
     assert {"_select_pass_kernel", "_weff_kernel", "_backward_kernel", "_round_kernel", "_mask_kernel"} <= kernels
     for line in totals.values():
         assert float(line.split("|")[5].strip(" *")) > 0
+
+
+def test_step_profile_tells_repeated_launches_apart():
+    from benchmarks.profile_gpu import summarise_kernels
+
+    step = [("memset", 1.0), ("_gemm_kernel", 100.0), ("_gemm_kernel", 50.0), ("addmm", 5.0)]
+    events = [(10 * i, name, us) for i, (name, us) in enumerate(step * 3)]  # three identical steps
+    out = summarise_kernels(events, 3)
+    assert out["launches"] == 4 and math.isclose(out["kernel_ms"], 0.156)
+    assert [name for name, _, _ in out["top"][:2]] == ["2:_gemm_kernel", "3:_gemm_kernel"]
+    # steps that differ (e.g. a lazy first-step allocation) fall back to one row per kernel name
+    uneven = summarise_kernels(events[:-1], 3)
+    assert uneven["top"][0][0] == "_gemm_kernel" and math.isclose(uneven["top"][0][2], 0.15)
