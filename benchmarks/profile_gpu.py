@@ -105,7 +105,7 @@ def summarise_kernels(events, steps: int) -> dict:
     return out
 
 
-def _snell_rows(cases, device, dtype) -> list[dict]:
+def _snell_rows(cases, device, dtype, on_row) -> list[dict]:
     rows = []
     for label, T, n, m in cases:
         case = ops_snell._Case(T, n, m, 8, dtype, device)
@@ -125,10 +125,11 @@ def _snell_rows(cases, device, dtype) -> list[dict]:
                     t.grad = None
 
             rows.append(_row("snell_layer", label, name, step, clear, device))
+            on_row(rows[-1])
     return rows
 
 
-def _monarch_rows(cases, device, dtype) -> list[dict]:
+def _monarch_rows(cases, device, dtype, on_row) -> list[dict]:
     rows = []
     for label, T, n_in, n_out, nblocks in cases:
         dense = torch.nn.Linear(n_in, n_out, device=device, dtype=dtype)
@@ -152,6 +153,7 @@ def _monarch_rows(cases, device, dtype) -> list[dict]:
                     p.grad = None
 
             rows.append(_row("monarch", label, name, step, clear, device))
+            on_row(rows[-1])
     return rows
 
 
@@ -192,15 +194,23 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.quick
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
-    rows = _snell_rows(SNELL_CASES if cuda else QUICK_SNELL, device, dtype)
-    rows += _monarch_rows(MONARCH_CASES if cuda else QUICK_MONARCH, device, dtype)
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    table = f"## Step profile — {card} · torch {torch.__version__} · {dtype}\n\n" + format_table(rows)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "profile.json").write_text(json.dumps({"device": card, "rows": rows}, indent=1))
-        (args.out / "profile.md").write_text(table + "\n")
-    print(table)
+    title = f"## Step profile — {card} · torch {torch.__version__} · {dtype}\n\n"
+    done: list[dict] = []
+
+    def on_row(row):
+        # written after every row: a run stopped by its time limit keeps what it measured
+        done.append(row)
+        print(format_table([row]).splitlines()[-1], flush=True)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "profile.json").write_text(json.dumps({"device": card, "rows": done}, indent=1))
+            (args.out / "profile.md").write_text(title + format_table(done) + "\n")
+
+    rows = _snell_rows(SNELL_CASES if cuda else QUICK_SNELL, device, dtype, on_row)
+    rows += _monarch_rows(MONARCH_CASES if cuda else QUICK_MONARCH, device, dtype, on_row)
+    print()
+    print(title + format_table(rows))
     return 0 if all("error" not in r for r in rows) else 1
 
 
