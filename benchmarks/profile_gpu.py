@@ -3,7 +3,8 @@
     python -m benchmarks.profile_gpu [--out DIR] [--quick]
 
 For the SNELL layer (each backend, and full fine-tuning) and the Monarch layer (each backend, and
-dense) at the benchmark's target shapes, bf16 on a GPU, one fwd+bwd step is measured three ways:
+dense) at the benchmark's target shapes, bf16 on a GPU, one fwd+bwd step, and the whole ViT-B training
+step (full FT, peft LoRA-8, pysnell SNELL-8; bs 64, bf16 autocast) are measured three ways:
 - host_ms: CPU time to enqueue one step (N steps back to back, no synchronisation, / N);
 - wall_ms: CUDA-event time of N steps back to back / N: max(host, GPU) when the host runs ahead;
 - kernel_ms: the sum of the step's kernel durations (torch.profiler), i.e. the GPU's busy time,
@@ -157,6 +158,36 @@ def _monarch_rows(cases, device, dtype, on_row) -> list[dict]:
     return rows
 
 
+def _model_rows(full, device, on_row) -> list[dict]:
+    """The whole-model training step (timm ViT-B bs 64 bf16 on a GPU, TinyViT on CPU): full FT,
+    peft LoRA-8 and pysnell SNELL-8, as benchmarks.bench_model builds them (no equivalence check:
+    that is the model benchmark's job)."""
+    from . import bench_model
+
+    spec = bench_model._vit_spec(full)
+    case, bs, dtype = spec.settings[0]
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = spec.build()
+    base.train()
+    batch = spec.make_batch(bs, device)
+    rows = []
+    for method in ("full_ft", "peft_lora8", "pysnell_snell8"):
+        try:
+            model = bench_model.build_method(method, base, spec).train()
+        except Exception as exc:  # noqa: BLE001 - e.g. peft missing: a row that says so
+            rows.append({"op": spec.op, "case": case, "provider": method, "error": f"{type(exc).__name__}: {exc}"})
+            on_row(rows[-1])
+            continue
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        step = bench_model.make_step(spec, model, opt, batch, device, dtype)
+        rows.append(_row(spec.op, case, method, step, lambda: None, device))
+        on_row(rows[-1])
+        del model, opt, step
+        bench_model._release(device)
+    return rows
+
+
 def _row(op, label, provider, step, clear, device) -> dict:
     row = {"op": op, "case": label, "provider": provider}
     try:
@@ -208,6 +239,7 @@ def main(argv=None) -> int:
             (args.out / "profile.md").write_text(title + format_table(done) + "\n")
 
     rows = _snell_rows(SNELL_CASES if cuda else QUICK_SNELL, device, dtype, on_row)
+    rows += _model_rows(cuda, device, on_row)  # before Monarch: issue 4's model target needs it most
     rows += _monarch_rows(MONARCH_CASES if cuda else QUICK_MONARCH, device, dtype, on_row)
     print()
     print(title + format_table(rows))
