@@ -109,13 +109,6 @@ def _colstats(A, B, params, spec):
     return _lib().snell_colstats(A, B, *params, KERNEL_IDS["snella"], spec.pieces, spec.out_groups)
 
 
-def _known_zero(sparsity) -> bool:
-    """Sparsity 0 known on the host; a GPU tensor is judged by the kernels (no comparison launch here)."""
-    if isinstance(sparsity, torch.Tensor) and sparsity.device.type != "cpu":
-        return False
-    return snell_ref._zero_sparsity(sparsity) is True
-
-
 def _weff(A, B, params, spec, colstats, weight, thresholds, sparsity, out_dtype):
     value, tensor = _sparsity_args(sparsity)
     return _lib().snell_weff(
@@ -170,7 +163,7 @@ def snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity):
     if not _snell_supported(A, B, spec, x2, weight):
         return _reference("snell.layer_forward")(x2, weight, bias, A, B, params, spec, sparsity)
     colstats = _colstats(A, B, params, spec)
-    if _known_zero(sparsity):
+    if snell_ref.known_zero_sparsity(sparsity):
         thresholds = torch.zeros(spec.out_groups, dtype=torch.float32, device=A.device)
         W = _weff(A, B, params, spec, colstats, weight, None, 0.0, x2.dtype)
     else:
@@ -188,7 +181,7 @@ def snell_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, threshol
         return _reference("snell.layer_backward")(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs)
     need_x, need_w, need_b, need_A, need_B = needs[:5]
     need_params = tuple(needs[5:])
-    t = None if _known_zero(sparsity) else thresholds
+    t = None if snell_ref.known_zero_sparsity(sparsity) else thresholds
     colstats = _colstats(A, B, params, spec)
     dx = dweight = dbias = None
     if need_x:

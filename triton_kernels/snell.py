@@ -877,14 +877,6 @@ def _sparsity_device(sparsity, device) -> torch.Tensor:
     return t
 
 
-def _known_zero(sparsity) -> bool:
-    """Sparsity 0 readable on the host (a float or a CPU tensor), as reference._zero_sparsity decides;
-    a GPU tensor is judged on the device (no comparison kernel or sync here)."""
-    if isinstance(sparsity, torch.Tensor):
-        return sparsity.device.type == "cpu" and bool(sparsity == 0)
-    return float(sparsity) == 0.0
-
-
 _warned: set = set()
 
 
@@ -1068,7 +1060,7 @@ def layer_forward(x2, weight, bias, A, B, params, spec, sparsity):
     if not _check_supported(x2, weight, A, B, params, spec):
         return _torch_layer_forward(x2, weight, bias, A, B, params, spec, sparsity)
     geo = _Geometry(A, B, params, spec)
-    known_zero = _known_zero(sparsity)
+    known_zero = ref.known_zero_sparsity(sparsity)
     sparsity_t = _sparsity_device(sparsity, geo.device)
     stats = _column_pass(geo, 0, None) if geo.kernel == 2 else None
     if known_zero:
@@ -1167,7 +1159,7 @@ def layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, ne
     need_x, need_w, need_bias, need_A, need_B = needs[:5]
     need_scal = tuple(bool(v) for v in needs[5:9])
     geo = _Geometry(A, B, params, spec)
-    known_zero = _known_zero(sparsity)
+    known_zero = ref.known_zero_sparsity(sparsity)
     sparsify = not known_zero
     sparsity_t = _sparsity_device(sparsity, geo.device)
     need_factor = need_A or need_B or (geo.kernel != 0 and any(need_scal))

@@ -21,14 +21,9 @@ from . import reference as ref
 from .reference import KernelParams, SnellSpec
 
 
-def _is_known_zero(sparsity) -> bool:
-    zero = ref._zero_sparsity(sparsity)
-    return zero is True
-
-
 def thresholds_for(delta: torch.Tensor, sparsity, groups: int) -> torch.Tensor:
     """Per-group quantile thresholds of |ΔW| (float32, (G,)); zeros when sparsity is 0."""
-    if _is_known_zero(sparsity):
+    if ref.known_zero_sparsity(sparsity):
         return torch.zeros(groups, dtype=torch.float32, device=delta.device)
     return select_threshold(delta.reshape(groups, -1), sparsity)
 

@@ -173,13 +173,20 @@ def merge_backward(G, A, B, params: KernelParams, spec: SnellSpec, need_params: 
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
+def known_zero_sparsity(sparsity) -> bool:
+    """Sparsity 0 known on the host: a number, or a CPU tensor (read for free). A GPU tensor is never
+    read here (that would synchronise) and gives False: the kernels, or _zero_sparsity's device
+    bool, decide it on the device."""
+    if isinstance(sparsity, torch.Tensor):
+        return sparsity.device.type == "cpu" and bool(sparsity == 0)
+    return float(sparsity) == 0.0
+
+
 def _zero_sparsity(sparsity):
     """True/False, or a device bool tensor when sparsity lives on a GPU (no sync)."""
-    if isinstance(sparsity, torch.Tensor):
-        if sparsity.device.type == "cpu":
-            return bool(sparsity == 0)
+    if isinstance(sparsity, torch.Tensor) and sparsity.device.type != "cpu":
         return sparsity == 0
-    return float(sparsity) == 0.0
+    return known_zero_sparsity(sparsity)
 
 
 def _select(zero, dense, sparse):
