@@ -111,6 +111,14 @@ def sparsify(delta, sparsity, mode="reference", *, out_groups=1):
     return SparsifyFunction.apply(delta, sparsity, mode, out_groups)
 
 
+def autocast_off(device_type: str):
+    """A context that switches autocast off around a Function whose dtypes are already chosen; a
+    no-op when autocast is off (entering torch.autocast costs µs per layer call)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _common_dtype(A, B):
     dt = torch.promote_types(A.dtype, B.dtype)
     return A.to(dt), B.to(dt)
@@ -181,9 +189,7 @@ def snell_linear(
     A, B = _common_dtype(A, B)
     params = kernel_params(A, kernel, pieces, scale, coeffs, alpha, beta, gamma)
     spec = SnellSpec(kernel, pieces, mode, out_groups)
-    # Autocast is switched off around the Function only when it is on: entering the context costs µs per layer.
-    no_autocast = torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
-    with no_autocast:
+    with autocast_off(dev):
         if training and (dropout > 0.0 or drop_path > 0.0):
             # Reference branch form: frozen GEMM plus a separately regularised SNELL branch.
             b = None if bias is None else bias.to(x.dtype)

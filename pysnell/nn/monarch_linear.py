@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._checks import check_float_tensor, check_same_device
+from ..functional import autocast_off
 from ..ops.monarch.function import MonarchMatmulFunction, monarch_project, monarch_shapes
 
 
@@ -67,14 +68,11 @@ class MonarchLinear(nn.Module):
             raise ValueError(f"x must have in_features={self.in_features} in its last dim, got {tuple(x.shape)}")
         check_same_device(x=x, blkdiag1=self.blkdiag1, blkdiag2=self.blkdiag2)
         dt = x.dtype
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if autocast:
+        if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)  # autocast's dtype, bf16 stays bf16
         w1, w2 = self.blkdiag1.to(dt), self.blkdiag2.to(dt)
         bias = None if self.bias is None else self.bias.to(dt)
-        if not autocast:
-            return MonarchMatmulFunction.apply(x, w1, w2, bias, self.out_features)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return MonarchMatmulFunction.apply(x.to(dt), w1, w2, bias, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
