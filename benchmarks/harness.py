@@ -15,6 +15,7 @@ end, and the median / p20 / p80 of the per-call times. CPU timing uses perf_coun
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -159,3 +160,19 @@ def error_row(exc: BaseException | str, **ident) -> dict:
 
 def is_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None):
+    """pysnell's backend forced to `name` (None: leave it as it is), restored afterwards."""
+    if name is None:
+        yield
+        return
+    import pysnell
+
+    before = pysnell.get_backend()
+    pysnell.set_backend(name)
+    try:
+        yield
+    finally:
+        pysnell.set_backend(before)

@@ -30,7 +30,7 @@ import pysnell
 from pysnell import _backend
 from pysnell.ops.monarch.reference import dense_matrix
 
-from .harness import error_row, measure
+from .harness import error_row, forced_backend, measure
 
 OP = "monarch"
 BASELINE = "dense"
@@ -111,18 +111,15 @@ class FlyMonarchLinear(nn.Module):
 
 @contextlib.contextmanager
 def _pysnell_backend(name: str, path: str | None):
-    before = pysnell.get_backend()
-    pysnell.set_backend(name)
-    plan_ctx = contextlib.nullcontext()
-    if path is not None:
+    """The backend forced to `name` and, for Triton, the kernel plan to `path` (None: automatic)."""
+    with forced_backend(name):
+        if path is None:
+            yield
+            return
         from pysnell.triton_kernels import monarch as triton_monarch
 
-        plan_ctx = triton_monarch.use_path(path)
-    try:
-        with plan_ctx:
+        with triton_monarch.use_path(path):
             yield
-    finally:
-        pysnell.set_backend(before)
 
 
 def _triton_plans(layer, device) -> dict[str, str]:

@@ -26,7 +26,6 @@ many kernels (and memsets) one forward and one backward launch ("launches_fwd", 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import math
@@ -35,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import pysnell
 from pysnell import _backend
 from pysnell.functional import snell_linear
 from pysnell.ops.snell import function as snell_fn
@@ -171,20 +169,6 @@ def _pysnell_provider(case, backend):
     return forward, [case.x, case.A, case.B]
 
 
-@contextlib.contextmanager
-def _forced_backend(name):
-    """pysnell's backend forced to `name` (None: leave it), restored afterwards."""
-    if name is None:
-        yield
-        return
-    before = pysnell.get_backend()
-    pysnell.set_backend(name)
-    try:
-        yield
-    finally:
-        pysnell.set_backend(before)
-
-
 def _full_ft_provider(case):
     W = case.w0.detach().clone().requires_grad_()
     b = case.b0.detach().clone().requires_grad_()
@@ -210,7 +194,7 @@ def _check(name, case, forward, leaves, oracle, backend) -> str:
     tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
     for t in leaves:
         t.grad = None
-    with _forced_backend(backend):
+    with harness.forced_backend(backend):
         y = forward()
         y.backward(case.dy)
         if backend is not None:
@@ -306,14 +290,14 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
                 continue
 
             def step(forward=forward, backend=backend):
-                with _forced_backend(backend):
+                with harness.forced_backend(backend):
                     forward().backward(case.dy)
 
             row = harness.measure(
                 step, provider=name, warmup=warmup, reps=reps, grad_to_none=leaves, check=check, **ident, **extra
             )
             if cuda and name == "pysnell_triton":
-                with _forced_backend(backend):
+                with harness.forced_backend(backend):
                     fwd_k, fwd_m = _count_launches(forward, device)
                     y = forward()
                     bwd_k, bwd_m = _count_launches(functools.partial(y.backward, case.dy), device)

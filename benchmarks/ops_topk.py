@@ -26,7 +26,6 @@ field "check"). peak_mib is the memory one call allocates above the resident ten
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -85,19 +84,9 @@ def _floor(x):
     return x.mul_(1.0)
 
 
-@contextlib.contextmanager
-def _forced_backend(name: str):
-    before = pysnell.get_backend()
-    pysnell.set_backend(name)
-    try:
-        yield
-    finally:
-        pysnell.set_backend(before)
-
-
 def _pysnell(backend: str):
     def fn(x):
-        with _forced_backend(backend):
+        with harness.forced_backend(backend):
             pysnell.topk_mask_(x, sparsity=SPARSITY)
             ran = pysnell.last_backend("topk.mask_")
         if ran != backend:

@@ -28,6 +28,7 @@ import pysnell
 from pysnell import _backend
 
 from . import ops_snell
+from .harness import forced_backend
 
 STEPS = 10  # back-to-back steps per measurement (≈ 20 launches each: far below the launch queue depth)
 TOP_KERNELS = 6
@@ -118,7 +119,7 @@ def _snell_rows(cases, device, dtype, on_row) -> list[dict]:
         for name, backend, (forward, leaves) in providers:
 
             def step(forward=forward, backend=backend, dy=case.dy):
-                with ops_snell._forced_backend(backend):
+                with forced_backend(backend):
                     forward().backward(dy)
 
             def clear(leaves=leaves):
@@ -145,7 +146,7 @@ def _monarch_rows(cases, device, dtype, on_row) -> list[dict]:
         for name, backend, module in providers:
 
             def step(module=module, backend=backend, x=x, dy=dy):
-                with ops_snell._forced_backend(backend):
+                with forced_backend(backend):
                     module(x).backward(dy)
 
             def clear(module=module, x=x):
