@@ -5,8 +5,8 @@
 Every Triton launch runs Python before the driver call: binding and specialising the arguments,
 the compile-cache lookup, and a check that each global constant the kernel uses is unchanged.
 On a small layer step that cost, times the launches per step, can exceed the kernels' own time.
-This script swaps in a driver that targets sm_90 and never launches, compiles each kernel of a
-SNELL layer step, a Monarch layer step and a top-k call once (Triton's bundled ptxas), then times
+This script compiles each kernel of a SNELL layer step, a Monarch layer step and a top-k call once
+under pysnell.triton_kernels._aot.compile_only (sm_90, Triton's bundled ptxas, no launch), then times
 `JITFunction.run(..., warmup=True)` on the cache hit: the whole Python path of a launch except
 the final driver call (a few µs more on a GPU host). Times are this CPU's; compare versions here.
 """
@@ -22,33 +22,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no launch p
 
 import torch  # noqa: E402
 import triton.runtime.jit as jit  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-
-
-class _CompileOnly:
-    """A Triton driver that targets an H100 (sm_90) and never launches."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-def _capture(calls: list):
-    """Replace JITFunction.run so every launch compiles (warmup) and is recorded."""
-    run = jit.JITFunction.run
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        calls.append((self, args, grid, kwargs))
-        return run(self, *args, grid=grid, warmup=True, **kwargs)
-
-    jit.JITFunction.run = compile_only
-    return run
 
 
 def _workloads():
@@ -91,32 +64,36 @@ def main(argv=None) -> int:
         from pysnell.triton_kernels import _host
 
         _host.KernelConstant = tl.constexpr  # before the kernel modules import it
-    driver.set_active(_CompileOnly())
-    calls: list = []
-    run = _capture(calls)
-    steps = []
-    for label, fn in _workloads():
-        first = len(calls)
-        fn()
-        steps.append((label, calls[first:]))
-    jit.JITFunction.run = run
+    from pysnell.triton_kernels._aot import compile_only
+
+    run = jit.JITFunction.run  # the real launch path, timed below on the compile-cache hit
+    with compile_only() as calls:
+        steps = []
+        for label, fn in _workloads():
+            first = len(calls)
+            fn()
+            steps.append((label, calls[first:]))
+        _time_launches(steps, run, args.reps)
+    return 0
+
+
+def _time_launches(steps, run, reps: int) -> None:
     print("Triton launch cost (Python, compile-cache hit, no driver call), this CPU")
     print("| op | kernel | args | global constants | µs per launch |")
     print("|---|---|---:|---:|---:|")
     for label, launches in steps:
         total = 0.0
-        for fn, fargs, grid, kwargs in launches:
+        for fn, fargs, grid, kwargs, _ in launches:
             for _ in range(10):
                 run(fn, *fargs, grid=grid, warmup=True, **kwargs)
             t0 = time.perf_counter()
-            for _ in range(args.reps):
+            for _ in range(reps):
                 run(fn, *fargs, grid=grid, warmup=True, **kwargs)
-            us = (time.perf_counter() - t0) * 1e6 / args.reps
+            us = (time.perf_counter() - t0) * 1e6 / reps
             total += us
             n_args = len(fargs) + len(kwargs)
             print(f"| {label} | {fn.fn.__name__} | {n_args} | {len(fn.used_global_vals)} | {us:.1f} |")
         print(f"| {label} | **all {len(launches)} launches** | | | **{total:.1f}** |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -275,49 +275,23 @@ def test_no_tokens(triton_backend):
 
 _AOT = textwrap.dedent(
     """
-    import json, os, subprocess, sys, tempfile
+    import json, os, sys
     os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    import triton.runtime.jit as jit
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class CompileOnly:  # a driver that targets sm_90 and never launches
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(CompileOnly())
-    compiled = []
-    run = jit.JITFunction.run
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append((self.fn.__name__, kernel))
-        return kernel
-    jit.JITFunction.run = compile_only
+    import torch
+    from pysnell.triton_kernels._aot import compile_only, resource_usage
     import pysnell.triton_kernels.monarch as tm
     from pysnell.ops.monarch.function import monarch_shapes
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     report = []
     for sizes, path in json.loads(sys.argv[1]):
         w1s, w2s = monarch_shapes(*sizes)
         e = lambda *shape: torch.empty(shape, dtype=torch.bfloat16)
         x, dy, b = e(256, sizes[0]), e(256, sizes[1]), e(sizes[1])
-        compiled.clear()
-        with tm.use_path(path):
+        with compile_only() as calls, tm.use_path(path):
             tm.monarch_forward(x, e(*w1s), e(*w2s), b, sizes[1])
             tm.monarch_backward(dy, x, e(*w1s), e(*w2s), (True, True, True))
-        for name, k in compiled:
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-            usage = dict(kv.split(":") for kv in [l for l in res.splitlines() if "REG:" in l][0].split() if ":" in kv)
-            report.append(dict(sizes=sizes, path=path, kernel=name, regs=int(usage["REG"]),
-                               stack=int(usage["STACK"]), smem=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"]))
+        for fn, _, _, _, k in calls:
+            report.append(dict(sizes=sizes, path=path, kernel=fn.fn.__name__, **resource_usage(k),
+                               smem=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"]))
     print(json.dumps(report))
     """
 )

@@ -296,44 +296,21 @@ def test_threshold_rejects_a_non_matrix(triton_backend):
 
 _AOT = textwrap.dedent(
     """
-    import json, os, subprocess, sys, tempfile
+    import json, os
     os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    import triton.runtime.jit as jit
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class CompileOnly:  # targets sm_90, never launches
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(CompileOnly())
-    compiled = {}
-    run = jit.JITFunction.run
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled[(self.fn.__name__, kernel.hash)] = kernel
-        return kernel
-    jit.JITFunction.run = compile_only
+    import torch
+    from pysnell.triton_kernels._aot import compile_only, resource_usage
     import pysnell.triton_kernels.topk as tk
     # The host code as a GPU runs it (GPU launch config), on CPU tensors nothing reads.
     # Every kernel once (6 compilations): the sample path on an fp32 row divisible by 16, and
     # k-mode (tie counts) on a short bf16 row of odd length (full-row rounds only).
-    tk.topk_mask_(torch.empty(4096 * 1024), 0.9, None, True)
-    tk.topk_mask_(torch.empty(1001, dtype=torch.bfloat16), None, 123, True)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with compile_only() as calls:
+        tk.topk_mask_(torch.empty(4096 * 1024), 0.9, None, True)
+        tk.topk_mask_(torch.empty(1001, dtype=torch.bfloat16), None, 123, True)
+    compiled = {(fn.fn.__name__, k.hash): k for fn, _, _, _, k in calls}
     report = []
     for (name, _), k in compiled.items():
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        usage = dict(kv.split(":") for kv in [l for l in res.splitlines() if "REG:" in l][0].split() if ":" in kv)
-        report.append(dict(kernel=name, regs=int(usage["REG"]), stack=int(usage["STACK"]), smem=k.metadata.shared,
+        report.append(dict(kernel=name, **resource_usage(k), smem=k.metadata.shared,
                            vector_loads="ld.global.v4" in k.asm["ptx"]))
     print(json.dumps(report))
     """
