@@ -344,7 +344,6 @@ def _gemm_kernel(
     K: tl.constexpr,
     J: tl.constexpr,
     IN_B: tl.constexpr,
-    IN_G: tl.constexpr,
     IN_D: tl.constexpr,
     IN_HI: tl.constexpr,
     IN_LO: tl.constexpr,
@@ -356,7 +355,6 @@ def _gemm_kernel(
     WJ_HI: tl.constexpr,
     WJ_LO: tl.constexpr,
     OUT_B: tl.constexpr,
-    OUT_G: tl.constexpr,
     OUT_D: tl.constexpr,
     OUT_HI: tl.constexpr,
     OUT_LO: tl.constexpr,
@@ -366,6 +364,8 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    IN_G: tl.constexpr = 0,
+    OUT_G: tl.constexpr = 0,
 ):
     """out[t, b·OUT_B + map(j)] = Σ_k in[t, b·IN_B + map(k)] · w[b·W_B + map(k) + map(j)] (+ bias).
 
@@ -433,7 +433,6 @@ def _wgrad_kernel(
     I: tl.constexpr,
     J: tl.constexpr,
     A_B: tl.constexpr,
-    A_G: tl.constexpr,
     A_D: tl.constexpr,
     A_HI: tl.constexpr,
     A_LO: tl.constexpr,
@@ -451,6 +450,7 @@ def _wgrad_kernel(
     TILES: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    A_G: tl.constexpr = 0,
 ):
     """out[split, blk, map(i), j] = Σ_t a[t, blk·A_B + map(i)] · b[t, blk·B_B + j·B_LO] over TILES·BT tokens.
 
@@ -700,7 +700,6 @@ def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J
 def _run_gemm(inp, w, bias, out, n_in, n_out, *, maps, NB, K, J):
     T = inp.shape[0]
     BT, BK, BJ, warps, stages = _gemm_tiles(K, J, inp.dtype)
-    maps = {"IN_G": 0, "OUT_G": 0, **maps}
     grid = (cdiv(T, BT) * NB * cdiv(J, BJ),)
     _gemm_kernel[grid](
         inp,
@@ -775,7 +774,6 @@ def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, 
 def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
     T = a.shape[0]
     BT, BI, BJ, warps, stages = _wgrad_tiles(I, J, a.dtype, gathered=maps.get("A_G", 0) != 0)
-    maps = {"A_G": 0, **maps}
     tiles_ij = cdiv(I, BI) * cdiv(J, BJ)
     numel = w_shape[0] * w_shape[1] * w_shape[2]
     splits, tiles = _token_splits(tiles_ij * NB, T, BT, numel, a.device)
