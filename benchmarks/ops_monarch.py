@@ -12,7 +12,9 @@ Providers (one group per case and pass, baseline "dense"):
   inputs cast to fp16 under autocast as the public code's custom_fwd does;
 - pysnell-<backend>: MonarchLinear with each backend that has a Monarch kernel here (torch,
   triton, cuda); for Triton in full mode also the other kernel plans ("-split": intermediate
-  through memory, "-fused": on chip) wherever they differ from the automatic one.
+  through memory, "-fused": on chip) and the other forward store ("-scatter": y stored at its
+  interleaved columns instead of block order + an in-place interleave pass) wherever they
+  differ from the automatic one.
 Each provider's output (and dx for fwd+bwd) is checked once against the dense oracle
 x·Mᵀ + b (M from the factors, fp32) before timing; a provider that fails is an error row.
 """
@@ -110,20 +112,23 @@ class FlyMonarchLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def _pysnell_backend(name: str, path: str | None):
-    """The backend forced to `name` and, for Triton, the kernel plan to `path` (None: automatic)."""
+def _pysnell_backend(name: str, variant: tuple[str, str] | None):
+    """The backend forced to `name` and, for Triton, the kernel (plan, store) to `variant` (None: automatic)."""
     with forced_backend(name):
-        if path is None:
+        if variant is None:
             yield
             return
         from pysnell.triton_kernels import monarch as triton_monarch
 
-        with triton_monarch.use_path(path):
+        path, store = variant
+        with triton_monarch.use_path(path), triton_monarch.use_store(store):
             yield
 
 
-def _triton_plans(layer, device) -> dict[str, str]:
-    """Provider suffix -> Triton plan name, for each plan that differs from "auto" on this shape."""
+def _triton_variants(layer, tokens) -> dict[str, tuple[str, str]]:
+    """Provider suffix -> Triton (plan, store), for each variant that differs from the automatic
+    one on this shape: the other plans ("-split", "-fused") and the other forward store
+    ("-scatter": y stored at its interleaved columns, see triton_kernels/monarch.py STORES)."""
     from pysnell.triton_kernels import monarch as triton_monarch
 
     w1, w2 = tuple(layer.blkdiag1.shape), tuple(layer.blkdiag2.shape)
@@ -131,11 +136,20 @@ def _triton_plans(layer, device) -> dict[str, str]:
     for name in ("auto", "split", "fused"):
         with triton_monarch.use_path(name):
             plans[name] = triton_monarch.plan(w1, w2)
-    out = {"": "auto"}
+    out = {"": ("auto", "auto")}
     for name in ("split", "fused"):
         if plans[name] != plans["auto"]:
-            out[f"-{name}"] = name
+            out[f"-{name}"] = (name, "auto")
+    if _store(tokens, layer) != "scatter":
+        out["-scatter"] = ("auto", "scatter")
     return out
+
+
+def _store(tokens, layer) -> str:
+    from pysnell.triton_kernels import monarch as triton_monarch
+
+    l, s, _ = layer.blkdiag2.shape
+    return triton_monarch._store_plan(tokens, l, s, layer.out_features)
 
 
 def _rel_rmse(got, want) -> float:
@@ -143,7 +157,7 @@ def _rel_rmse(got, want) -> float:
     return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def _providers(dense, mon, fly, device, full):
+def _providers(dense, mon, fly, device, full, tokens):
     """(name, module, backend context) for every provider that can run here."""
     provs = [("dense", dense, contextlib.nullcontext), ("fly_ref", fly, contextlib.nullcontext)]
     dev = torch.device(device)
@@ -151,9 +165,9 @@ def _providers(dense, mon, fly, device, full):
         ok = all(_backend.available(op, backend, dev) for op in ("monarch.forward", "monarch.backward"))
         if not ok:
             continue
-        variants = _triton_plans(mon, device) if backend == "triton" and full else {"": None}
-        for suffix, path in variants.items():
-            provs.append((f"pysnell-{backend}{suffix}", mon, lambda b=backend, p=path: _pysnell_backend(b, p)))
+        variants = _triton_variants(mon, tokens) if backend == "triton" and full else {"": None}
+        for suffix, variant in variants.items():
+            provs.append((f"pysnell-{backend}{suffix}", mon, lambda b=backend, v=variant: _pysnell_backend(b, v)))
     return provs
 
 
@@ -174,7 +188,7 @@ def _bench_case(case, device, full, dtype, autocast):
     timing = dict(warmup=5, reps=20) if full else dict(warmup=1, reps=2)
     extra = dict(tokens=T, in_features=n_in, out_features=n_out, nblocks=nblocks)
     rows = []
-    for name, module, backend_ctx in _providers(dense, mon, fly, device, full):
+    for name, module, backend_ctx in _providers(dense, mon, fly, device, full, T):
         params = list(module.parameters())
 
         def fwd(module=module):
@@ -196,6 +210,7 @@ def _bench_case(case, device, full, dtype, autocast):
                         from pysnell.triton_kernels import monarch as triton_monarch
 
                         plan = triton_monarch.plan(tuple(mon.blkdiag1.shape), tuple(mon.blkdiag2.shape))
+                        plan["store"] = _store(T, mon)
                         row["plan"] = " ".join(f"{k}={v}" for k, v in plan.items())
                     if name.startswith("pysnell-"):
                         ran = pysnell.last_backend("monarch.forward")

@@ -373,3 +373,33 @@ def test_step_profile_tells_repeated_launches_apart():
     # steps that differ (e.g. a lazy first-step allocation) fall back to one row per kernel name
     uneven = summarise_kernels(events[:-1], 3)
     assert uneven["top"][0][0] == "_gemm_kernel" and math.isclose(uneven["top"][0][2], 0.15)
+
+
+def test_monarch_full_mode_times_every_triton_variant(seed):
+    # the plans and forward stores the GPU run compares (each provider runs what its name says)
+    pytest.importorskip("pysnell.triton_kernels.monarch")
+    import pysnell
+    from benchmarks import ops_monarch
+    from pysnell import _backend
+
+    if not _backend.available("monarch.forward", "triton", torch.device("cpu")):
+        pytest.skip("the Triton backend does not serve CPU tensors here (TRITON_INTERPRET unset)")
+    mon = pysnell.MonarchLinear(32, 32, 4)  # fused automatically; split and scatter are the variants
+    dense, fly = torch.nn.Linear(32, 32), ops_monarch.FlyMonarchLinear(mon)
+    names = lambda tokens: [p[0] for p in ops_monarch._providers(dense, mon, fly, "cpu", True, tokens)]
+    from pysnell.triton_kernels import monarch as tm
+
+    assert {"pysnell-triton", "pysnell-triton-split", "pysnell-triton-scatter"} <= set(names(64))
+    assert "pysnell-triton-scatter" not in names(16)  # few tokens: scatter is the automatic store
+    x = torch.randn(64, 32)
+    for name, module, ctx in ops_monarch._providers(dense, mon, fly, "cpu", True, 64):
+        if not name.startswith("pysnell-triton"):
+            continue
+        with ctx():
+            y = module(x)
+            plan, store = tm.plan(mon.blkdiag1.shape, mon.blkdiag2.shape), ops_monarch._store(64, mon)
+        assert pysnell.last_backend("monarch.forward") == "triton"
+        assert store == ("scatter" if name.endswith("-scatter") else "interleave"), name
+        assert set(plan.values()) == ({"split"} if name.endswith("-split") else {"fused"}), name
+        with harness.forced_backend("torch"):
+            torch.testing.assert_close(y, module(x), rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from oracles import monarch_dense
 
 import pysnell
 from pysnell import MonarchLinear
-from pysnell.ops.monarch.function import monarch_shapes
+from pysnell.ops.monarch.function import _torch_forward, monarch_shapes
 
 pytest.importorskip("triton")
 tm = pytest.importorskip("pysnell.triton_kernels.monarch")
@@ -200,22 +200,61 @@ def test_functional_with_partial_gradients(seed, triton_backend, needs):
 
 
 @pytest.mark.parametrize("path", ["auto", "split"])
-def test_poisoned_buffers_are_fully_written(seed, monkeypatch, path):
-    # every buffer the kernels write (outputs, scratch, fp32 partials) starts as NaN
+@pytest.mark.parametrize(("n_out", "store"), [(70, "scatter"), (72, "interleave")])
+def test_poisoned_buffers_are_fully_written(seed, monkeypatch, path, n_out, store):
+    # every buffer the kernels write (outputs, scratch, fp32 partials) starts as NaN; 72 outputs
+    # are l·s, so the forward can store block order and interleave in place (70 cannot)
     def poisoned(shape, device, dtype):
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
     monkeypatch.setattr(tm, "_empty", poisoned)
-    (k, q, p), (l, s, r) = w1_shape, w2_shape = monarch_shapes(61, 70, 4)
+    w1_shape, w2_shape = monarch_shapes(61, n_out, 4)
     x = torch.randn(37, 61, device=DEVICE)
     w1, w2 = torch.randn(w1_shape, device=DEVICE), torch.randn(w2_shape, device=DEVICE)
-    bias, dy = torch.randn(70, device=DEVICE), torch.randn(37, 70, device=DEVICE)
-    with tm.use_path(path):
-        y = tm.monarch_forward(x, w1, w2, bias, 70)
+    bias, dy = torch.randn(n_out, device=DEVICE), torch.randn(37, n_out, device=DEVICE)
+    with tm.use_path(path), tm.use_store("interleave"):
+        assert tm._store_plan(37, *w2_shape[:2], n_out) == store
+        y = tm.monarch_forward(x, w1, w2, bias, n_out)
         dx, dw1, dw2 = tm.monarch_backward(dy, x, w1, w2, (True, True, True))
-    y_ref, (dx_ref, dw1_ref, dw2_ref, _) = _dense_oracle(x, w1, w2, bias, 70, dy)
+    y_ref, (dx_ref, dw1_ref, dw2_ref, _) = _dense_oracle(x, w1, w2, bias, n_out, dy)
     for got, want, name in zip((y, dx, dw1, dw2), (y_ref, dx_ref, dw1_ref, dw2_ref), ("y", *GRAD_NAMES)):
         _close(got, want, torch.float32, name)
+
+
+@pytest.mark.parametrize("path", ["auto", "split"])
+@pytest.mark.parametrize("store", ["interleave", "scatter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["square", "in>out", "long-blocks", "nine-blocks"])
+def test_forward_stores_match_the_oracle_and_the_torch_backend(seed, path, store, dtype, name):
+    # y written block by block and interleaved in place (+ bias), or stored at its interleaved columns
+    n_in, n_out, nblocks = LAYERS[name]
+    w1_shape, w2_shape = monarch_shapes(n_in, n_out, nblocks)
+    x = torch.randn(19, n_in + 2, device=DEVICE, dtype=dtype)[:, :n_in]
+    w1, w2 = torch.randn(w1_shape, device=DEVICE, dtype=dtype), torch.randn(w2_shape, device=DEVICE, dtype=dtype)
+    bias = torch.randn(n_out, device=DEVICE, dtype=dtype)
+    with tm.use_path(path), tm.use_store(store):
+        assert tm._store_plan(19, *w2_shape[:2], n_out) == store
+        y = tm.monarch_forward(x, w1, w2, bias, n_out)
+    y_ref, _ = _dense_oracle(x, w1, w2, bias, n_out, torch.zeros(19, n_out))
+    _close(y, y_ref, dtype, "y")
+    _close(y, _torch_forward(x, w1, w2, bias, n_out), dtype, "y vs torch backend")
+
+
+def test_store_plan():
+    with tm.use_store("auto"):
+        assert tm._store_plan(64, 4, 1024, 4096) == "interleave"
+        assert tm._store_plan(63, 4, 1024, 4096) == "scatter"  # few tokens: one launch less
+        assert tm._store_plan(8192, 4, 1024, 4095) == "scatter"  # out_features < l·s: no room for block order
+        assert tm._store_plan(8192, 1, 4096, 4096) == "scatter"  # one block: already in order
+        assert tm._store_plan(8192, 4, 2752, 11008) == "interleave"  # a LLaMA MLP row, 16384 padded
+        assert tm._store_plan(8192, 4, 8192, 32768) == "scatter"  # a row too wide for one program
+    with tm.use_store("interleave"):
+        assert tm._store_plan(1, 4, 1024, 4096) == "interleave"
+        assert tm._store_plan(1, 4, 1024, 4095) == "scatter"
+    with tm.use_store("scatter"):
+        assert tm._store_plan(8192, 4, 1024, 4096) == "scatter"
+    with pytest.raises(ValueError, match="PYSNELL_MONARCH_STORE"):
+        tm.set_store("gather")
 
 
 def test_weight_gradients_are_deterministic(seed):
@@ -280,7 +319,7 @@ _AOT = textwrap.dedent(
     import torch
     from pysnell.triton_kernels._aot import compile_only, resource_usage
     import pysnell.triton_kernels.monarch as tm
-    from pysnell.ops.monarch.function import monarch_shapes
+    from pysnell.ops.monarch.function import _torch_forward, monarch_shapes
     report = []
     for sizes, path in json.loads(sys.argv[1]):
         w1s, w2s = monarch_shapes(*sizes)
@@ -318,11 +357,13 @@ def test_kernels_compile_for_sm90_without_spills():
         "_gemm_kernel",
         "_wgrad_kernel",
         "_deinterleave_kernel",
+        "_interleave_kernel",
     }, names
     for r in report:
         assert r["stack"] == 0, f"register spills: {r}"
         assert r["smem"] <= 227 * 1024, f"more shared memory than an H100 block has: {r}"
-        assert r["wgmma"] or r["kernel"] == "_deinterleave_kernel", f"no Hopper tensor-core MMA: {r}"
+        copies = ("_deinterleave_kernel", "_interleave_kernel")
+        assert r["wgmma"] or r["kernel"] in copies, f"no Hopper tensor-core MMA: {r}"
 
 
 # -------------------------------------------------------------------------------------------

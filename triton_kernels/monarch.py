@@ -21,6 +21,11 @@ the input dtype between the stages, as the reference's bmm does):
   column order (T, l·r). `plan()` says which products use which.
 - `_deinterleave_kernel`: dy (columns si·l + li) into block order (li·s + si) once per
   backward, so every backward load is contiguous.
+- `_interleave_kernel`: its mirror for the forward, in place. A forward program owns one output
+  block, whose columns si·l + li are l apart in y: stored there directly, they are 16-bit scalar
+  stores and every 32-byte sector of y is written piecewise by l programs. Instead the forward
+  GEMM stores y in block order (contiguous vector stores) and one pass per row permutes it and
+  adds the bias (the reference's rounding: product rounded, then + bias). STORES says when.
 When q % l != 0 (e.g. MonarchLinear(1000, 1000, 4): q = 250, l = 4) an output block takes rows of
 a varying run of stage-1 blocks, so every product runs split, with the permutation as an index
 map over the global intermediate index f = ki·q + qj -> column (f % l)·r + f // l.
@@ -48,35 +53,61 @@ from ._host import cdiv, next_pow2
 # fused kernel keeps on chip as an fp32 accumulator next to its operand tiles.
 MAX_ONCHIP = 256
 PATHS = ("auto", "fused", "split")
+# How the forward writes y, whose column si·l + li interleaves the output blocks:
+# "interleave": the GEMM stores block order (li·s + si, contiguous vector stores) and one in-place
+# pass per row permutes it (+ bias); "scatter": the GEMM stores each element at its interleaved
+# column (no extra pass, but 16-bit scalar stores l columns apart: every 32-byte sector of y is
+# written piecewise by l programs); "auto": interleave where it applies (see _store_plan).
+STORES = ("auto", "interleave", "scatter")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_path = "auto"
+_SETTINGS = {"path": ("PYSNELL_MONARCH_PATH", PATHS), "store": ("PYSNELL_MONARCH_STORE", STORES)}
+_setting = {"path": "auto", "store": "auto"}
+
+
+def _set(what: str, name: str) -> None:
+    env, choices = _SETTINGS[what]
+    if name not in choices:
+        raise ValueError(f"Monarch kernel {what} ({env}) must be one of {choices}, got {name!r}")
+    _setting[what] = name
+
+
+@contextlib.contextmanager
+def _use(what: str, name: str):
+    before = _setting[what]
+    _set(what, name)
+    try:
+        yield
+    finally:
+        _set(what, before)
 
 
 def set_path(name: str) -> None:
     """Kernel plan, for measurements: "auto" (see plan()), "fused" (on chip wherever the block
     fits, whatever the number of blocks) or "split" (intermediate always through memory).
     The environment variable PYSNELL_MONARCH_PATH sets the initial value."""
-    global _path
-    if name not in PATHS:
-        raise ValueError(f"Monarch kernel path (PYSNELL_MONARCH_PATH) must be one of {PATHS}, got {name!r}")
-    _path = name
+    _set("path", name)
 
 
-_env_path = os.environ.get("PYSNELL_MONARCH_PATH", "auto").strip().lower() or "auto"
-if _env_path in PATHS:
-    _path = _env_path
-else:  # a typo must not take the other Triton families down with this module
-    _backend.log.warning("pysnell: PYSNELL_MONARCH_PATH=%r is not one of %s; using 'auto'", _env_path, PATHS)
-
-
-@contextlib.contextmanager
 def use_path(name: str):
-    before = _path
-    set_path(name)
-    try:
-        yield
-    finally:
-        set_path(before)
+    return _use("path", name)
+
+
+def set_store(name: str) -> None:
+    """How the forward stores y, for measurements (STORES above); PYSNELL_MONARCH_STORE sets the
+    initial value."""
+    _set("store", name)
+
+
+def use_store(name: str):
+    return _use("store", name)
+
+
+for _what, (_env, _choices) in _SETTINGS.items():
+    _value = os.environ.get(_env, "auto").strip().lower() or "auto"
+    if _value in _choices:
+        _setting[_what] = _value
+    else:  # a typo must not take the other Triton families down with this module
+        _backend.log.warning("pysnell: %s=%r is not one of %s; using 'auto'", _env, _value, _choices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,6 +558,42 @@ def _deinterleave_kernel(
     tl.store(dst, v, mask=t_ok & (offs_l < L)[None, :, None] & (offs_s < S)[None, None, :])
 
 
+@triton.jit
+def _interleave_kernel(
+    y_ptr,
+    bias_ptr,
+    T,
+    stride_y,
+    L: tl.constexpr,
+    S: tl.constexpr,
+    BT: tl.constexpr,
+    BL: tl.constexpr,
+    BS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """In place, whole rows: y[t, si·L + li] = y[t, li·S + si] (+ bias[si·L + li]), y (T, L·S).
+
+    The bias is added to the already rounded product, in fp32, and rounded once more: the
+    reference's y + bias. Each program owns BT whole rows and reads all of them before it writes.
+    """
+    T = tl.cast(T, tl.int64)
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_l = tl.arange(0, BL)
+    offs_s = tl.arange(0, BS)
+    rows = y_ptr + offs_t.to(tl.int64)[:, None, None] * stride_y
+    t_ok = (offs_t < T)[:, None, None]
+    block_order = offs_l[None, :, None] * S + offs_s[None, None, :]
+    v = tl.load(rows + block_order, mask=t_ok & (offs_l < L)[None, :, None] & (offs_s < S)[None, None, :])
+    # in place: no thread of the program may store before every thread has loaded
+    tl.debug_barrier()
+    v = tl.permute(v, (0, 2, 1))
+    cols = offs_s[None, :, None] * L + offs_l[None, None, :]
+    ok = t_ok & (offs_s < S)[None, :, None] & (offs_l < L)[None, None, :]
+    if HAS_BIAS:
+        v = (v.to(tl.float32) + tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(v.dtype)
+    tl.store(rows + cols, v, mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side: shapes, tile choices, launches
 # ----------------------------------------------------------------------------------------------
@@ -566,9 +633,10 @@ def _sm_count(device_index: int) -> int:
 
 def _fused_ok(width: int, rereads: int) -> bool:
     """Whether a fused kernel serves a product whose block rows are `width` wide."""
-    if _path == "split":
+    path = _setting["path"]
+    if path == "split":
         return False
-    return _pow2(width) <= MAX_ONCHIP and (_path == "fused" or rereads <= MAX_FUSED_REREADS)
+    return _pow2(width) <= MAX_ONCHIP and (path == "fused" or rereads <= MAX_FUSED_REREADS)
 
 
 def _token_splits(programs: int, T: int, bt: int, w_numel: int, device: torch.device) -> tuple[int, int]:
@@ -802,6 +870,48 @@ def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
     return _finish(out, splits, a.dtype)
 
 
+# Widest y row the in-place interleave pass holds in registers (elements, padded to powers of
+# two): 11008 = 4 · 2752 pads to 16384.
+MAX_INTERLEAVE_ROW = 16384
+# Below this many tokens the forward scatters its stores: y is small and a second launch costs
+# more than the piecewise sector writes it saves.
+MIN_INTERLEAVE_TOKENS = 64
+
+
+def _store_plan(T: int, l: int, s: int, out_features: int) -> str:
+    """ "interleave" or "scatter" (STORES) for a forward with T tokens and w2 (l, s, r)."""
+    store = _setting["store"]
+    fits = l > 1 and out_features == l * s and next_pow2(l) * next_pow2(s) <= MAX_INTERLEAVE_ROW
+    if store == "scatter" or not fits:
+        return "scatter"
+    return "interleave" if store == "interleave" or T >= MIN_INTERLEAVE_TOKENS else "scatter"
+
+
+def _interleave_(y, l, s, bias):
+    """y (T, l·s) from block order (column li·s + si) to Monarch order (si·l + li), + bias, in place."""
+    T = y.shape[0]
+    BL, BS = next_pow2(l), next_pow2(s)
+    row = BL * BS
+    if _interpreting():
+        BT, warps = 2, 4
+    else:
+        BT = max(1, 8192 // row)
+        warps = 8 if BT * row >= 8192 else 4
+    _interleave_kernel[(cdiv(T, BT),)](
+        y,
+        bias if bias is not None else y,
+        T,
+        y.stride(0),
+        L=l,
+        S=s,
+        BT=BT,
+        BL=BL,
+        BS=BS,
+        HAS_BIAS=bias is not None,
+        **_launch_opts(warps, 1),
+    )
+
+
 def _deinterleave(dy2, l, s):
     """dy in block order (T, l·s): column li·s + si holds dy column si·l + li (zero past out_features)."""
     T = dy2.shape[0]
@@ -826,9 +936,14 @@ def _forward_fused(x2, w1, w2, bias, y):
         IN_C=p, IN_V=1,  # x column ki·p + pp
         WA_B=p, WA_C=q * p, WA_U=l * p, WA_V=1,  # w1[ki, rr·l + li, pp]
         WB_B=s * r, WB_C=QL, WB_U=1, WB_J=r,  # w2[li, si, ki·QL + rr]
-        OUT_B=1, OUT_J=l,  # y column si·l + li
     )  # fmt: skip
-    _run_two_stage(x2, w1, w2, bias, y, x2.shape[1], y.shape[1], maps=maps, NB=l, NC=k, U=QL, V=p, J=s)
+    if _store_plan(x2.shape[0], l, s, y.shape[1]) == "interleave":
+        out = dict(OUT_B=s, OUT_J=1)  # y column li·s + si, then interleaved in place
+        _run_two_stage(x2, w1, w2, None, y, x2.shape[1], y.shape[1], maps=maps | out, NB=l, NC=k, U=QL, V=p, J=s)
+        _interleave_(y, l, s, bias)
+    else:
+        out = dict(OUT_B=1, OUT_J=l)  # y column si·l + li
+        _run_two_stage(x2, w1, w2, bias, y, x2.shape[1], y.shape[1], maps=maps | out, NB=l, NC=k, U=QL, V=p, J=s)
 
 
 def _dx_fused(dyb, w1, w2, dx):
@@ -901,9 +1016,15 @@ def _out_from_mid(mid, w2, bias, y):
     maps = dict(
         IN_B=r, IN_D=0, IN_HI=0, IN_LO=1,  # mid column li·r + ri
         W_B=s * r, WK_D=0, WK_HI=0, WK_LO=1, WJ_D=0, WJ_HI=0, WJ_LO=r,  # w2[li, si, ri]
-        OUT_B=1, OUT_D=0, OUT_HI=0, OUT_LO=l,  # y column si·l + li
+        OUT_D=0, OUT_HI=0,
     )  # fmt: skip
-    _run_gemm(mid, w2, bias, y, l * r, y.shape[1], maps=maps, NB=l, K=r, J=s)
+    if _store_plan(mid.shape[0], l, s, y.shape[1]) == "interleave":
+        out = dict(OUT_B=s, OUT_LO=1)  # y column li·s + si, then interleaved in place
+        _run_gemm(mid, w2, None, y, l * r, y.shape[1], maps=maps | out, NB=l, K=r, J=s)
+        _interleave_(y, l, s, bias)
+    else:
+        out = dict(OUT_B=1, OUT_LO=l)  # y column si·l + li
+        _run_gemm(mid, w2, bias, y, l * r, y.shape[1], maps=maps | out, NB=l, K=r, J=s)
 
 
 def _dmid_split(dyb, w2):
@@ -972,7 +1093,7 @@ def _dw1_from_dmid(dmid, x2, w1, w2):
 def plan(w1_shape, w2_shape) -> dict:
     """Which kernel serves each product for these factor shapes ("fused" or "split")."""
     # cached per shape and setting (it runs on every forward and backward)
-    return dict(_plan(tuple(w1_shape), tuple(w2_shape), _path, MAX_ONCHIP, MAX_FUSED_REREADS))
+    return dict(_plan(tuple(w1_shape), tuple(w2_shape), _setting["path"], MAX_ONCHIP, MAX_FUSED_REREADS))
 
 
 @functools.lru_cache(maxsize=256)
