@@ -393,3 +393,51 @@ def test_peak_cpu_memory_is_a_small_multiple_of_the_weight(seed):
 
     _, naive_retained = _peak_and_retained_bytes(naive)
     assert naive_retained > 2 * unit
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_activation_checkpointing_recomputes_the_same_step(seed, backend, backend_name, use_reentrant):
+    # torch.utils.checkpoint re-runs the forward in backward: the selection, the dropout mask and the
+    # Monarch intermediate must come out the same, so the gradients equal the plain step's bit for bit
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if backend_name == "triton":
+        pytest.importorskip("pysnell.triton_kernels")
+        if device == "cpu" and not pysnell._backend.triton_interpret():
+            pytest.skip("the Triton backend serves CPU tensors only under TRITON_INTERPRET=1")
+    backend.set_backend(backend_name)
+
+    def build():
+        torch.manual_seed(seed)
+        fc1, fc2 = nn.Linear(24, 40), nn.Linear(40, 24)
+        model = nn.Sequential(
+            pysnell.SNELLLinear(fc1, r=4, sparsity=0.7, dropout=0.1),
+            nn.GELU(),
+            pysnell.SNELLLinear(fc2, r=4, sparsity=0.5, kernel="rbf", out_groups=3),
+            pysnell.MonarchLinear(24, 36, nblocks=4),
+        ).to(device)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+        return model.train()
+
+    x = torch.randn(2, 5, 24, device=device)
+    grads = []
+    for checkpointed in (False, True):
+        model = build()
+        torch.manual_seed(seed + 1)  # the dropout mask
+        xx = x.clone().requires_grad_()
+        if checkpointed:
+            y = torch.utils.checkpoint.checkpoint(model, xx, use_reentrant=use_reentrant)
+        else:
+            y = model(xx)
+        y.square().sum().backward()
+        for op in ("snell.layer_backward", "monarch.backward"):
+            assert pysnell.last_backend(op) == backend_name, op
+        grads.append([xx.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
