@@ -12,6 +12,20 @@ import os
 import platform
 import sys
 
+# Every environment variable pysnell reads (the README's table says what each does).
+ENV_VARS = (
+    "PYSNELL_BACKEND",
+    "PYSNELL_CACHE_DIR",
+    "PYSNELL_BUILD_LOCK_TIMEOUT",
+    "PYSNELL_VERBOSE_BUILD",
+    "PYSNELL_BUILD_CUDA",
+    "PYSNELL_MONARCH_PATH",
+    "PYSNELL_MONARCH_STORE",
+    "TORCH_CUDA_ARCH_LIST",
+    "MAX_JOBS",
+    "TRITON_INTERPRET",
+)
+
 
 def _triton_state(torch) -> dict:
     from . import _backend
@@ -105,9 +119,7 @@ def report(build: bool = False) -> dict:
         "backend_setting": _backend.get_backend(),
         "auto_order_cuda": ["cuda", "triton", "torch"],
         "auto_preference": {op: list(order) for op, order in _backend._auto_preference.items()},
-        "env": {
-            k: os.environ.get(k) for k in ("PYSNELL_BACKEND", "PYSNELL_CACHE_DIR", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS")
-        },
+        "env": {k: os.environ.get(k) for k in ENV_VARS},
         "backends": {
             "torch": {"usable": True, "what": "pure-PyTorch reference, always available"},
             "triton": _triton_state(torch),
@@ -138,6 +150,9 @@ def format_report(r: dict) -> str:
         + (f"; measured overrides: {pref}" if pref else " (no measured overrides)")
         + "; CPU tensors: torch"
     )
+    settings = {k: v for k, v in r["env"].items() if v is not None}
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    lines.append("environment: " + (shown or "none of the variables in the README's table is set"))
     lines.append("")
     lines.append("torch  : usable (reference implementation of every op)")
     t = r["backends"]["triton"]

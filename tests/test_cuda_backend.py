@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -321,6 +322,22 @@ def test_env_report(capsys):
     text = env.format_report(report)
     for needed in ("torch", "triton", "cuda", "nvcc", "JIT cache", "auto order on CUDA tensors"):
         assert needed in text
+
+
+def test_env_report_lists_every_variable_pysnell_reads():
+    # every PYSNELL_* name in the sources is in the report and in the README's table, and back
+    from pysnell import env
+
+    sources = [*REPO.glob("pysnell/**/*.py"), *REPO.glob("triton_kernels/*.py"), REPO / "setup.py"]
+    read = set()
+    for path in sources:
+        read |= set(re.findall(r"\b(PYSNELL_[A-Z_]+)\b", path.read_text()))
+    listed = {v for v in env.ENV_VARS if v.startswith("PYSNELL_")}
+    assert read == listed, f"read but not listed: {read - listed}; listed but never read: {listed - read}"
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("### Environment variables") :]
+    for name in env.ENV_VARS:
+        assert f"`{name}`" in table, f"{name} is missing from the README's table"
 
 
 def test_env_module_runs():
