@@ -13,6 +13,7 @@ from .adapter import (
     inject,
     load_adapter,
     merge_and_unload,
+    monarchize,
     print_trainable_parameters,
     save_adapter,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "merge_and_unload",
     "monarch_matmul",
     "monarch_project",
+    "monarchize",
     "print_trainable_parameters",
     "save_adapter",
     "set_backend",

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_sparsity
+from .nn.monarch_linear import MonarchLinear
 from .nn.snell_linear import SNELLLinear
 from .ops.snell import reference as ref
 
@@ -106,16 +107,7 @@ def inject(model: nn.Module, config: SNELLConfig) -> nn.Module:
     """
     if getattr(model, "pysnell_config", None) is not None:
         raise RuntimeError("model already has SNELL adapters; call merge_and_unload first")
-    targets = [
-        name
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear)
-        and _matches(name, config.target_modules)
-        and not _matches(name, config.exclude_modules)
-        and not _inside(name, config.modules_to_save)
-    ]
-    if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
+    targets = _linear_targets(model, config.target_modules, config.exclude_modules, config.modules_to_save)
     # Build every layer before touching the model, so that a bad layer (e.g. out_groups not dividing
     # a width) leaves it exactly as it was; SNELLLinear freezes its base, so restore those flags too.
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -139,6 +131,57 @@ def inject(model: nn.Module, config: SNELLConfig) -> nn.Module:
         if config.modules_to_save and _matches(name, config.modules_to_save):
             mod.requires_grad_(True)
     model.pysnell_config = config
+    return model
+
+
+def _linear_targets(model: nn.Module, target_modules, exclude_modules=None, modules_to_save=None) -> list[str]:
+    """Names of the nn.Linear modules that peft's matching rules select (see SNELLConfig)."""
+    targets = [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+        and _matches(name, target_modules)
+        and not _matches(name, exclude_modules)
+        and not _inside(name, modules_to_save)
+    ]
+    if not targets:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model")
+    return targets
+
+
+def monarchize(
+    model: nn.Module, target_modules, nblocks: int = 4, *, exclude_modules=None, project: bool = True
+) -> nn.Module:
+    """Replace matching nn.Linear layers by MonarchLinear in place; returns the model.
+
+    Matching follows SNELLConfig (a string is a full-match regex, a list matches a name exactly or
+    as a ".name" suffix). project=True starts each layer from the closest Monarch factors of its
+    dense weight (`MonarchLinear.from_linear`, per-block truncated SVD); project=False from
+    MonarchLinear's own initialisation. The new layers' parameters are trainable; no other
+    parameter's requires_grad changes. Every layer is built before any is swapped in, so a layer
+    that cannot take `nblocks` leaves the model unchanged (the error names it).
+    """
+    layers = []
+    for name in _linear_targets(model, target_modules, exclude_modules):
+        linear = model.get_submodule(name)
+        try:
+            if project:
+                layer = MonarchLinear.from_linear(linear, nblocks)
+            else:
+                w = linear.weight
+                layer = MonarchLinear(
+                    linear.in_features,
+                    linear.out_features,
+                    nblocks,
+                    bias=linear.bias is not None,
+                    device=w.device,
+                    dtype=w.dtype,
+                )
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        layers.append((name, layer))
+    for name, layer in layers:
+        _set_submodule(model, name, layer)
     return model
 
 

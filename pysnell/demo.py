@@ -158,10 +158,7 @@ def method_snella(model, total_steps, r=8):
 def method_monarch(model, nblocks=4):
     """Project every block linear onto Monarch factors and train them (plus the head)."""
     model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in VIT_TARGETS:
-            parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[-1], pysnell.MonarchLinear.from_linear(module, nblocks))
+    pysnell.monarchize(model, VIT_TARGETS, nblocks)
     model.head.requires_grad_(True)
     return model, None
 

@@ -235,3 +235,56 @@ def test_inject_on_timm_vit(seed):
     pysnell.merge_and_unload(model)
     with torch.no_grad():
         torch.testing.assert_close(model(images), y, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- monarchize
+
+
+def test_monarchize_swaps_the_targets_and_trains_them(seed):
+    model = tiny_vit()
+    frozen = {n for n, p in model.named_parameters() if "head" in n}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    pysnell.monarchize(model, VIT_TARGETS, nblocks=4, exclude_modules=["blocks.1.mlp.fc2"])
+    swapped = {n for n, m in model.named_modules() if isinstance(m, pysnell.MonarchLinear)}
+    expected = {f"blocks.{b}.{name}" for b in range(2) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert swapped == expected - {"blocks.1.mlp.fc2"}
+    assert isinstance(model.get_submodule("blocks.1.mlp.fc2"), nn.Linear)
+    for name in swapped:
+        assert all(p.requires_grad for p in model.get_submodule(name).parameters()), name
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    images = torch.randn(3, 1, 8, 8)
+    model(images).square().sum().backward()
+    assert model.blocks[0].attn.qkv.blkdiag1.grad.abs().sum() > 0
+
+
+def test_monarchize_projects_the_dense_weights(seed):
+    # one block per factor represents any dense matrix: the projected model computes the same function
+    model = tiny_vit().double()
+    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    want = model(images)
+    pysnell.monarchize(model, VIT_TARGETS, nblocks=1)
+    torch.testing.assert_close(model(images), want, rtol=1e-9, atol=1e-9)
+    # four blocks: the closest Monarch layer, not the same one; project=False: a fresh initialisation
+    dense = tiny_vit()
+    projected, fresh = copy.deepcopy(dense), copy.deepcopy(dense)
+    pysnell.monarchize(projected, ["fc1"], nblocks=4)
+    pysnell.monarchize(fresh, ["fc1"], nblocks=4, project=False)
+    layer, w = projected.blocks[0].mlp.fc1, dense.blocks[0].mlp.fc1.weight
+    best = pysnell.monarch_project(w.detach(), 4)
+    torch.testing.assert_close(layer.blkdiag1, best[0].to(layer.blkdiag1))
+    err_projected = (layer.dense_weight() - w).norm()
+    err_fresh = (fresh.blocks[0].mlp.fc1.dense_weight() - w).norm()
+    assert err_projected < err_fresh
+    torch.testing.assert_close(layer.bias, dense.blocks[0].mlp.fc1.bias)
+
+
+def test_monarchize_refuses_clearly_and_leaves_the_model_alone(seed):
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        pysnell.monarchize(model, ["no_such_layer"])
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: nblocks=32 must not exceed in_features=24"):
+        pysnell.monarchize(model, VIT_TARGETS, nblocks=32)
+    assert not any(isinstance(m, pysnell.MonarchLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -55,7 +55,7 @@ class MonarchLinear(nn.Module):
             dtype=w.dtype,
         )
         with torch.no_grad():
-            w1, w2 = monarch_project(w.detach().float(), nblocks)
+            w1, w2 = monarch_project(w.detach(), nblocks)  # float64 SVD inside, whatever the dtype
             layer.blkdiag1.copy_(w1)
             layer.blkdiag2.copy_(w2)
             if linear.bias is not None:
