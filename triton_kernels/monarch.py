@@ -920,7 +920,10 @@ def _deinterleave(dy2, l, s):
     BS = max(16, 512 // BL) if not _interpreting() else 16
     BT = 16
     grid = (cdiv(T, BT), cdiv(s, BS))
-    _deinterleave_kernel[grid](dy2, out, T, dy2.shape[1], dy2.stride(0), L=l, S=s, BT=BT, BS=BS, BL=BL)
+    # 8 warps for the 8192-element tile: with 4, l = 8 spills (sm_90)
+    _deinterleave_kernel[grid](
+        dy2, out, T, dy2.shape[1], dy2.stride(0), L=l, S=s, BT=BT, BS=BS, BL=BL, **_launch_opts(8, 1)
+    )
     return out
 
 
