@@ -57,6 +57,11 @@ _SAMPLE_MULT = 2654435761  # prime > any group size we accept: k·MULT mod N is 
 # (rows, cols, warps) per program on a GPU: selection passes and W_eff, and the backward kernel.
 TILE = (64, 64, 8)
 BACKWARD_TILE = (64, 64, 8)
+# The backward kernel holds several (rows, RP) and (RP, cols) fp32 tiles (RP: the padded rank), so
+# wider ranks take narrower tiles: these are the widest without register spills on sm_90
+# (compile-only sm_90 builds, every kernel family; fp32 G_S needs three tf32 products per dot).
+BACKWARD_TILE_RP32 = (64, 32, 8)  # RP 32 (r 16..31), and RP 64 with a 16-bit G_S
+BACKWARD_TILE_WIDE = (32, 32, 4)  # RP 64 with an fp32 G_S, RP >= 128
 # Tile edge under the interpreter (every program instance costs ~0.1 s there); tests lower it to
 # get several programs per kernel.
 INTERPRET_TILE = 32
@@ -81,6 +86,34 @@ _COARSE = KernelConstant(256)
 # Device helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R: tl.constexpr, k, DIST: tl.constexpr):
+    """(b_ik − a_kj)² (DIST) or b_ik · a_kj for one rank index k."""
+    bk = tl.load(b_ptr + rows * R + k, mask=rmask, other=0.0)
+    ak = tl.load(a_ptr + k * n + cols, mask=cmask, other=0.0)
+    if DIST:
+        diff = bk - ak
+        return diff * diff
+    else:
+        return bk * ak
+
+
+@triton.jit
+def _rank_sum(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R: tl.constexpr, K0: tl.constexpr, K: tl.constexpr,
+              DIST: tl.constexpr):  # fmt: skip
+    """Σ over k in [K0, K0 + K) of _rank_term, in k order. Unrolled for ranks up to 16; beyond, a
+    loop: unrolled, the compiler hoists every factor load ahead of the arithmetic and the tile
+    kernels spill from r = 32 on sm_90 (same sum, same order either way)."""
+    acc = _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, K0, DIST)
+    if R <= 16:
+        for k in tl.static_range(K0 + 1, K0 + K):
+            acc += _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, k, DIST)
+    else:
+        for k in range(K0 + 1, K0 + K):
+            acc += _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, k, DIST)
+    return acc
+
+
+@triton.jit
 def _regen(
     a_ptr, b_ptr, coeff_ptr, rows, cols, rmask, cmask, n, R: tl.constexpr, PIECES: tl.constexpr, KERNEL: tl.constexpr
 ):
@@ -94,31 +127,13 @@ def _regen(
     dists = ()
     invs = ()
     if KERNEL == 3:
-        for k in tl.static_range(R):
-            bk = tl.load(b_ptr + rows * R + k, mask=rmask, other=0.0)
-            diff = bk - tl.load(a_ptr + k * n + cols, mask=cmask, other=0.0)
-            if k == 0:
-                acc = diff * diff
-            else:
-                acc += diff * diff
+        acc = _rank_sum(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, 0, R, True)
     elif KERNEL == 0 or KERNEL == 4:
-        for k in tl.static_range(R):
-            bk = tl.load(b_ptr + rows * R + k, mask=rmask, other=0.0)
-            prod = bk * tl.load(a_ptr + k * n + cols, mask=cmask, other=0.0)
-            if k == 0:
-                acc = prod
-            else:
-                acc += prod
+        acc = _rank_sum(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, 0, R, False)
     else:
         D: tl.constexpr = R // PIECES
         for p in tl.static_range(PIECES):
-            for k in tl.static_range(D):
-                bk = tl.load(b_ptr + rows * R + (p * D + k), mask=rmask, other=0.0)
-                diff = bk - tl.load(a_ptr + (p * D + k) * n + cols, mask=cmask, other=0.0)
-                if k == 0:
-                    q = diff * diff
-                else:
-                    q += diff * diff
+            q = _rank_sum(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, p * D, D, True)
             inv = tl.where(q > 0, tl.rsqrt(q), 0.0)
             dist = q * inv  # 0 where q == 0 (torch's subgradient of the norm)
             dists = dists + (dist,)
@@ -844,10 +859,14 @@ def _tile_sizes():
     return TILE
 
 
-def _backward_tiles():
+def _backward_tiles(rp: int, gs_dtype: torch.dtype):
     if _interpret():
         return INTERPRET_TILE, INTERPRET_TILE, 4
-    return BACKWARD_TILE
+    if rp <= 16:
+        return BACKWARD_TILE
+    if rp == 32 or (rp == 64 and gs_dtype != torch.float32):
+        return BACKWARD_TILE_RP32
+    return BACKWARD_TILE_WIDE
 
 
 def _alloc(shape, dtype, device):
@@ -1091,7 +1110,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     """(dA, dB, scal[16]) from G_S; writes W_eff into w_out when given (w_out may alias gs)."""
     A, B, coeffs, alpha, beta, gamma = geo.factors
     dev = geo.device
-    BM, BN, warps = _backward_tiles()
+    BM, BN, warps = _backward_tiles(geo.rp, gs.dtype)
     # fp32 gradients keep fp32 accuracy (3 tf32 products); a 16-bit G_S is coarser than one tf32 product
     dot_precision = "tf32x3" if gs.dtype == torch.float32 else "tf32"
     colsum = None
