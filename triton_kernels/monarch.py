@@ -873,13 +873,13 @@ def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
 # Widest y row the in-place interleave pass holds in registers (elements, padded to powers of
 # two): 11008 = 4 · 2752 pads to 16384.
 MAX_INTERLEAVE_ROW = 16384
-# Below this many tokens the forward scatters its stores: y is small and a second launch costs
-# more than the piecewise sector writes it saves.
+# Below this many tokens the forward scatters its stores: y is small and a second launch likely
+# costs more than the piecewise sector writes it saves (reasoned, not measured; see the README).
 MIN_INTERLEAVE_TOKENS = 64
 
 
 def _store_plan(T: int, l: int, s: int, out_features: int) -> str:
-    """ "interleave" or "scatter" (STORES) for a forward with T tokens and w2 (l, s, r)."""
+    """How a forward with T tokens and w2 (l, s, r) stores y: "interleave" or "scatter" (STORES)."""
     store = _setting["store"]
     fits = l > 1 and out_features == l * s and next_pow2(l) * next_pow2(s) <= MAX_INTERLEAVE_ROW
     if store == "scatter" or not fits:
