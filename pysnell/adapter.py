@@ -165,18 +165,7 @@ def monarchize(
     for name in _linear_targets(model, target_modules, exclude_modules):
         linear = model.get_submodule(name)
         try:
-            if project:
-                layer = MonarchLinear.from_linear(linear, nblocks)
-            else:
-                w = linear.weight
-                layer = MonarchLinear(
-                    linear.in_features,
-                    linear.out_features,
-                    nblocks,
-                    bias=linear.bias is not None,
-                    device=w.device,
-                    dtype=w.dtype,
-                )
+            layer = MonarchLinear.from_linear(linear, nblocks, project=project)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         layers.append((name, layer))

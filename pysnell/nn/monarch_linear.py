@@ -41,8 +41,10 @@ class MonarchLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, nblocks: int = 4) -> "MonarchLinear":
-        """The Monarch layer closest (Frobenius, per block) to a dense nn.Linear."""
+    def from_linear(cls, linear: nn.Linear, nblocks: int = 4, project: bool = True) -> "MonarchLinear":
+        """The Monarch layer closest (Frobenius, per block) to a dense nn.Linear, with its bias.
+
+        project=False: a freshly initialised layer of the same sizes, bias, device and dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -54,6 +56,8 @@ class MonarchLinear(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
+        if not project:
+            return layer
         with torch.no_grad():
             w1, w2 = monarch_project(w.detach(), nblocks)  # float64 SVD inside, whatever the dtype
             layer.blkdiag1.copy_(w1)
