@@ -11,8 +11,9 @@ Kernels (each a 2-D `tl.dot` per block, fp32 accumulation; the 16-bit intermedia
 the input dtype between the stages, as the reference's bmm does):
 - `_two_stage_kernel`: one program per (token tile, output block) computes its slice of the
   intermediate on chip and multiplies it by the second factor at once. Forward (block li:
-  x -> w1 rows -> w2[li] -> interleaved columns si·l + li, bias fused) and, mirrored, dX (block ki:
-  dy of block li -> w2[li] -> w1[ki] -> dx columns ki·p + pp). One launch each.
+  x -> w1 rows -> w2[li] -> y columns si·l + li with the bias, or block order: see STORES) and,
+  mirrored, dX (block ki: dy of block li -> w2[li] -> w1[ki] -> dx columns ki·p + pp). One
+  launch each. A bias is added to the product rounded to the output dtype (the reference's y + b).
 - `_two_stage_wgrad_kernel`: dW2 and dW1 as reductions over tokens, recomputing the
   intermediate (dW2) or the intermediate gradient (dW1) on chip, tile by tile.
 - `_gemm_kernel` / `_wgrad_kernel`: the single-stage versions for blocks too wide to keep a
@@ -47,7 +48,7 @@ import triton.language as tl
 from pysnell import _backend
 from pysnell.ops.monarch.function import _torch_backward, _torch_forward
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv, next_pow2, sm_count
 
 # Widest block row (columns of one output block, or of one weight-gradient tile row) that a
 # fused kernel keeps on chip as an fp32 accumulator next to its operand tiles.
@@ -256,6 +257,8 @@ def _two_stage_kernel(
     out_cols = b * OUT_B + offs_j * OUT_J
     cols_ok = j_ok & (out_cols < n_out)
     if HAS_BIAS:
+        # the reference's y + bias: the product rounded to the output dtype, then the bias added
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         acc += tl.load(bias_ptr + out_cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
     out_tile = out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + out_cols[None, :]
     tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=rows_ok & cols_ok[None, :])
@@ -446,6 +449,8 @@ def _gemm_kernel(
         out_cols = _index(b * OUT_G + offs_j, OUT_D, OUT_HI, OUT_LO)
     cols_ok = j_ok & (out_cols < n_out)
     if HAS_BIAS:
+        # the reference's y + bias: the product rounded to the output dtype, then the bias added
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         acc += tl.load(bias_ptr + out_cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
     out_tile = out_ptr + offs_t.to(tl.int64)[:, None] * stride_out + out_cols[None, :]
     tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=rows_ok & cols_ok[None, :])
@@ -626,19 +631,6 @@ def _precision(dtype) -> str:
     return "tf32"
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _fused_ok(width: int, rereads: int) -> bool:
-    """Whether a fused kernel serves a product whose block rows are `width` wide."""
-    path = _setting["path"]
-    if path == "split":
-        return False
-    return _pow2(width) <= MAX_ONCHIP and (path == "fused" or rereads <= MAX_FUSED_REREADS)
-
-
 def _token_splits(programs: int, T: int, bt: int, w_numel: int, device: torch.device) -> tuple[int, int]:
     """(splits, token tiles per split) for a weight gradient with `programs` programs per split.
 
@@ -650,7 +642,7 @@ def _token_splits(programs: int, T: int, bt: int, w_numel: int, device: torch.de
     if device.type != "cuda":
         want = 2 if tiles >= 2 else 1  # exercises the partial-sum path under the interpreter
     else:
-        want = cdiv(_sm_count(device.index or 0), max(programs, 1))
+        want = cdiv(sm_count(device), max(programs, 1))
         want = max(1, min(want, tiles // 4, _PARTIALS_BYTES // (4 * w_numel), 64))
     per_split = next_pow2(cdiv(tiles, want))
     return cdiv(tiles, per_split), per_split
@@ -931,7 +923,7 @@ def _deinterleave(dy2, l, s):
 # dyb below is dy in block order (T, l·s), column li·s + si (see _deinterleave).
 
 
-def _forward_fused(x2, w1, w2, bias, y):
+def _forward_fused(x2, w1, w2, bias, y, block_order):
     k, q, p = w1.shape
     l, s, r = w2.shape
     QL = q // l
@@ -939,14 +931,10 @@ def _forward_fused(x2, w1, w2, bias, y):
         IN_C=p, IN_V=1,  # x column ki·p + pp
         WA_B=p, WA_C=q * p, WA_U=l * p, WA_V=1,  # w1[ki, rr·l + li, pp]
         WB_B=s * r, WB_C=QL, WB_U=1, WB_J=r,  # w2[li, si, ki·QL + rr]
+        # y column li·s + si (block order) or si·l + li
+        OUT_B=s if block_order else 1, OUT_J=1 if block_order else l,
     )  # fmt: skip
-    if _store_plan(x2.shape[0], l, s, y.shape[1]) == "interleave":
-        out = dict(OUT_B=s, OUT_J=1)  # y column li·s + si, then interleaved in place
-        _run_two_stage(x2, w1, w2, None, y, x2.shape[1], y.shape[1], maps=maps | out, NB=l, NC=k, U=QL, V=p, J=s)
-        _interleave_(y, l, s, bias)
-    else:
-        out = dict(OUT_B=1, OUT_J=l)  # y column si·l + li
-        _run_two_stage(x2, w1, w2, bias, y, x2.shape[1], y.shape[1], maps=maps | out, NB=l, NC=k, U=QL, V=p, J=s)
+    _run_two_stage(x2, w1, w2, bias, y, x2.shape[1], y.shape[1], maps=maps, NB=l, NC=k, U=QL, V=p, J=s)
 
 
 def _dx_fused(dyb, w1, w2, dx):
@@ -1014,20 +1002,15 @@ def _mid_split(x2, w1, w2):
     return mid
 
 
-def _out_from_mid(mid, w2, bias, y):
+def _out_from_mid(mid, w2, bias, y, block_order):
     l, s, r = w2.shape
     maps = dict(
         IN_B=r, IN_D=0, IN_HI=0, IN_LO=1,  # mid column li·r + ri
         W_B=s * r, WK_D=0, WK_HI=0, WK_LO=1, WJ_D=0, WJ_HI=0, WJ_LO=r,  # w2[li, si, ri]
-        OUT_D=0, OUT_HI=0,
+        # y column li·s + si (block order) or si·l + li
+        OUT_B=s if block_order else 1, OUT_D=0, OUT_HI=0, OUT_LO=1 if block_order else l,
     )  # fmt: skip
-    if _store_plan(mid.shape[0], l, s, y.shape[1]) == "interleave":
-        out = dict(OUT_B=s, OUT_LO=1)  # y column li·s + si, then interleaved in place
-        _run_gemm(mid, w2, None, y, l * r, y.shape[1], maps=maps | out, NB=l, K=r, J=s)
-        _interleave_(y, l, s, bias)
-    else:
-        out = dict(OUT_B=1, OUT_LO=l)  # y column si·l + li
-        _run_gemm(mid, w2, bias, y, l * r, y.shape[1], maps=maps | out, NB=l, K=r, J=s)
+    _run_gemm(mid, w2, bias, y, l * r, y.shape[1], maps=maps, NB=l, K=r, J=s)
 
 
 def _dmid_split(dyb, w2):
@@ -1103,9 +1086,16 @@ def plan(w1_shape, w2_shape) -> dict:
 def _plan(w1_shape, w2_shape, path, max_onchip, max_rereads) -> tuple:
     k, q, p = w1_shape
     l, s, _ = w2_shape
-    # q % l != 0: an output block takes rows from a varying run of stage-1 blocks, so only the split
-    # kernels (the permutation as an index map over the intermediate in memory) serve it.
-    pick = lambda width, rereads: "fused" if q % l == 0 and _fused_ok(width, rereads) else "split"
+
+    def pick(width, rereads):
+        # q % l != 0: an output block takes rows from a varying run of stage-1 blocks, so only the
+        # split kernels (the permutation as an index map over the intermediate in memory) serve it.
+        # A fused kernel keeps a `width`-wide block row on chip and re-reads the other side's token
+        # row `rereads` times.
+        if q % l or path == "split" or _pow2(width) > max_onchip:
+            return "split"
+        return "fused" if path == "fused" or rereads <= max_rereads else "split"
+
     return (
         ("forward", pick(s, l)),  # reads x once per output block
         ("dw2", pick(s, max(k, l))),
@@ -1133,10 +1123,15 @@ def monarch_forward(x2, w1, w2, bias, out_features):
     if x2.shape[0] == 0:
         return y
     with _device_ctx(x2):
+        # interleave: the product goes to y in block order and one pass puts it in Monarch order
+        interleave = _store_plan(x2.shape[0], w2.shape[0], w2.shape[1], out_features) == "interleave"
+        product_bias = None if interleave else bias
         if plan(w1.shape, w2.shape)["forward"] == "fused":
-            _forward_fused(x2, w1, w2, bias, y)
+            _forward_fused(x2, w1, w2, product_bias, y, block_order=interleave)
         else:
-            _out_from_mid(_mid_split(x2, w1, w2), w2, bias, y)
+            _out_from_mid(_mid_split(x2, w1, w2), w2, product_bias, y, block_order=interleave)
+        if interleave:
+            _interleave_(y, w2.shape[0], w2.shape[1], bias)
     return y
 
 

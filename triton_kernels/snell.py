@@ -35,7 +35,7 @@ from pysnell import _backend
 from pysnell.ops.snell import reference as ref
 from pysnell.ops.snell.function import _torch_layer_backward, _torch_layer_forward
 
-from ._host import KernelConstant, cdiv, next_pow2
+from ._host import KernelConstant, cdiv, next_pow2, sm_count
 
 log = logging.getLogger("pysnell")
 
@@ -842,14 +842,7 @@ def _interpret() -> bool:
 
 
 def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 1
-
-
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return sm_count(device) if device.type == "cuda" else 1
 
 
 def _tile_sizes():

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from pysnell import _backend
 
-from ._host import KernelConstant, cdiv, next_pow2
+from ._host import KernelConstant, cdiv, next_pow2, sm_count
 
 # --------------------------------------------------------------------------------------------------
 # Constants shared by the host code and the kernels.
@@ -687,18 +687,12 @@ def _sparsity_args(sparsity, device):
     return None, struct.unpack("<q", struct.pack("<d", float(sparsity)))[0]
 
 
-_sm_counts: dict = {}
-
-
 def _max_programs(device: torch.device, cfg: Config) -> int:
     if cfg.max_programs is not None:
         return cfg.max_programs
     if device.type != "cuda":
         return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index] * cfg.programs_per_sm
+    return sm_count(device) * cfg.programs_per_sm
 
 
 def _sample_size(n: int, cfg: Config) -> int:
