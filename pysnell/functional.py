@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ._checks import check_choice, check_float_tensor, check_same_device, check_sparsity_arg
 from .ops.monarch.function import monarch_matmul, monarch_project  # noqa: F401 (re-export)
 from .ops.snell import reference as ref
-from .ops.snell.function import KernelMergeFunction, SNELLLinearFunction, SparsifyFunction
+from .ops.snell.function import KernelMergeFunction, SNELLLinearFunction, SparsifyFunction, sparsity_snapshot
 from .ops.snell.reference import SnellSpec
 from .ops.topk.function import topk_mask, topk_mask_  # noqa: F401 (re-export)
 
@@ -108,7 +108,7 @@ def sparsify(delta, sparsity, mode="reference", *, out_groups=1):
     if delta.shape[0] % out_groups:
         raise ValueError(f"delta rows ({delta.shape[0]}) must be divisible by out_groups={out_groups}")
     check_sparsity_arg(sparsity)
-    return SparsifyFunction.apply(delta, sparsity, mode, out_groups)
+    return SparsifyFunction.apply(delta, sparsity_snapshot(sparsity), mode, out_groups)
 
 
 def autocast_off(device_type: str):
@@ -189,6 +189,7 @@ def snell_linear(
     A, B = _common_dtype(A, B)
     params = kernel_params(A, kernel, pieces, scale, coeffs, alpha, beta, gamma)
     spec = SnellSpec(kernel, pieces, mode, out_groups)
+    sparsity = sparsity_snapshot(sparsity)
     with autocast_off(dev):
         if training and (dropout > 0.0 or drop_path > 0.0):
             # Reference branch form: frozen GEMM plus a separately regularised SNELL branch.

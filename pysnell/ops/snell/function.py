@@ -73,10 +73,19 @@ _backend.register("snell.layer_forward", "torch", _torch_layer_forward)
 _backend.register("snell.layer_backward", "torch", _torch_layer_backward)
 
 
-def _sparsity_snapshot(sparsity):
-    """A copy of a tensor sparsity (a layer's buffer) for backward: changing the buffer between forward
-    and backward (e.g. a SNELLA re-allocation) must not change this step's gradients. None for a float."""
-    return sparsity.detach().clone() if isinstance(sparsity, torch.Tensor) else None
+def sparsity_snapshot(sparsity):
+    """What a Function taking `sparsity` should be given: a tensor sparsity (a layer's buffer) is
+    copied when autograd will record the call, so changing the buffer between forward and backward
+    (e.g. a SNELLA re-allocation) does not change this step's gradients. Under no_grad / inference
+    nothing is recorded and nothing is copied (one launch fewer per layer call)."""
+    if isinstance(sparsity, torch.Tensor) and torch.is_grad_enabled():
+        return sparsity.detach().clone()
+    return sparsity
+
+
+def _saved_sparsity(sparsity):
+    """The tensor to save for backward (None for a float): the Functions' callers pass a snapshot."""
+    return sparsity if isinstance(sparsity, torch.Tensor) else None
 
 
 def _param_grads(ctx, grads, first_index):
@@ -106,13 +115,16 @@ class KernelMergeFunction(torch.autograd.Function):
 
 
 class SparsifyFunction(torch.autograd.Function):
-    """S = sparsify(ΔW) with a constant per-group threshold; saves ΔW and the thresholds."""
+    """S = sparsify(ΔW) with a constant per-group threshold; saves ΔW and the thresholds.
+
+    A tensor sparsity is saved as given: pass `sparsity_snapshot(s)` if the buffer may change
+    before backward."""
 
     @staticmethod
     def forward(ctx, delta, sparsity, mode: str, groups: int):
         t = thresholds_for(delta, sparsity, groups)
         S = ref.sparsify_given_threshold(delta, t, mode, sparsity, groups)
-        ctx.save_for_backward(delta, t, _sparsity_snapshot(sparsity))
+        ctx.save_for_backward(delta, t, _saved_sparsity(sparsity))
         ctx.sparsity, ctx.mode, ctx.groups = sparsity, mode, groups
         return S
 
@@ -127,7 +139,8 @@ class SNELLLinearFunction(torch.autograd.Function):
     """y = x (W0 + S)ᵀ + b, or the branch x Sᵀ alone when weight is None.
 
     S = sparsify(κ(B, A)) with thresholds selected in forward. Saves x, A, B, the kernel
-    scalars and the thresholds; backward recomputes ΔW from A and B (no re-selection).
+    scalars and the thresholds; backward recomputes ΔW from A and B (no re-selection). A tensor
+    sparsity is saved as given: pass `sparsity_snapshot(s)` if the buffer may change before backward.
     """
 
     @staticmethod
@@ -136,7 +149,7 @@ class SNELLLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, n)
         params = KernelParams(coeffs, alpha, beta, gamma)
         y2, t = _library.snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity)
-        ctx.save_for_backward(x, weight, A, B, coeffs, alpha, beta, gamma, t, _sparsity_snapshot(sparsity))
+        ctx.save_for_backward(x, weight, A, B, coeffs, alpha, beta, gamma, t, _saved_sparsity(sparsity))
         ctx.spec, ctx.sparsity = spec, sparsity
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
