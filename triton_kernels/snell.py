@@ -36,6 +36,7 @@ from pysnell.ops.snell import reference as ref
 from pysnell.ops.snell.function import _torch_layer_backward, _torch_layer_forward
 
 from ._host import KernelConstant, cdiv, next_pow2, sm_count
+from ._keys import key_to_float, lerp, magnitude_key
 
 log = logging.getLogger("pysnell")
 
@@ -187,20 +188,6 @@ def _delta_tile(
 
 
 @triton.jit
-def _keys(dw):
-    """Order-preserving int32 key of |ΔW| (float32): NaN -> 0, otherwise bits(|ΔW|) + 1."""
-    bits = dw.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return tl.where(dw != dw, 0, bits + 1)
-
-
-@triton.jit
-def _key_value(u):
-    """The float32 magnitude key (NaN key -> -1.0, as the reference ranks it) of an int key."""
-    v = (u - 1).to(tl.int32).to(tl.float32, bitcast=True)
-    return tl.where(u == 0, -1.0, v)
-
-
-@triton.jit
 def _sparsify(dw, t, zero, MODE: tl.constexpr, SPARSIFY: tl.constexpr):
     """S from ΔW and the group threshold; `zero` (sparsity == 0 on the device) means S = ΔW."""
     if SPARSIFY:
@@ -247,12 +234,6 @@ def _quantile_ranks(sparsity_ptr, count):
     lo = tl.minimum(tl.maximum(lo_f.to(tl.int64), 0), last)
     hi = tl.minimum(tl.maximum(hi_f.to(tl.int64), 0), last)
     return lo, hi, w, s
-
-
-@triton.jit
-def _lerp(a, b, w):
-    """reference.lerp, written out identically."""
-    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
 
 
 @triton.jit
@@ -393,7 +374,7 @@ def _select_pass_kernel(
             rows = g * m_g + lrow  # int32: factor loads; m×n offsets widen to int64
             dw = _delta_tile(a_ptr, b_ptr, coeff_ptr, alpha_ptr, beta_ptr, gamma_ptr, stat_ptr, g, rows, cols,
                              valid, valid, n, R, PIECES, KERNEL)  # fmt: skip
-            u = _keys(dw)
+            u = magnitude_key(dw)
             below, above, n_in, hist = _count_block(u, valid, lo_u, hi_u, shift, wide, fine, NB, SBLK, 1)
             n_below = tl.sum(below.to(tl.int32))
             max_below = tl.max(tl.where(below, u, 0))
@@ -420,7 +401,7 @@ def _select_pass_kernel(
                                  rows[:, None], cols[None, :], rmask[:, None], cmask[None, :], n,
                                  R, PIECES, KERNEL)  # fmt: skip
                 valid = rmask[:, None] & cmask[None, :]
-                u = _keys(dw)
+                u = magnitude_key(dw)
                 below, above, ni, h = _count_block(u, valid, lo_u, hi_u, shift, wide, fine, NB, BM * BN, WIDE)
                 below_count += below.to(tl.int32)
                 below_max = tl.maximum(below_max, tl.where(below, u, 0))
@@ -502,7 +483,7 @@ def _select_pass_kernel(
                 )
                 tl.store(state + 4, v_lo)
                 tl.store(state + 5, v_hi)
-                t_val = _lerp(_key_value(v_lo), _key_value(v_hi), w)
+                t_val = lerp(key_to_float(v_lo), key_to_float(v_hi), w)
                 tl.store(thresholds_ptr + g, t_val, mask=is_done)
             tl.store(state + 0, new_lo)
             tl.store(state + 1, new_hi)

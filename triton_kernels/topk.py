@@ -43,6 +43,7 @@ import triton.language as tl
 from pysnell import _backend
 
 from ._host import KernelConstant, cdiv, next_pow2, sm_count
+from ._keys import key_to_float, lerp, magnitude_key
 
 # --------------------------------------------------------------------------------------------------
 # Constants shared by the host code and the kernels.
@@ -123,13 +124,6 @@ config = _default_config()
 
 
 @triton.jit
-def _magnitude_key(v):
-    """uint31 ranking key of |v| (NaN -> 0, else fp32 bits of |v| + 1), as int32."""
-    bits = v.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return tl.where(bits > 0x7F800000, 0, bits + 1)
-
-
-@triton.jit
 def _magnitude(v):
     """The reference's float32 ranking key: |v| with NaN as -1."""
     mag = tl.abs(v.to(tl.float32))
@@ -147,7 +141,7 @@ def _row_tile_keys(row, tile, n64, offs, BLOCK: tl.constexpr):
     """Keys of one tile of a row: a 64-bit tile base and 32-bit lane offsets (cheap, vectorisable)."""
     start = tile * BLOCK
     valid = offs < tl.maximum(tl.minimum(n64 - start, BLOCK), 0).to(tl.int32)
-    key = _magnitude_key(tl.load(row + start + offs, mask=valid, other=0))
+    key = magnitude_key(tl.load(row + start + offs, mask=valid, other=0))
     return key, valid
 
 
@@ -162,12 +156,6 @@ def _append_candidates(st, cands, cap64, key, inside):
         room = tl.minimum(tl.maximum(cap64 - first, 0), count).to(tl.int32)
         slot = tl.cumsum(flags, 0) - 1
         tl.store(cands + first + slot, key, mask=inside & (slot < room))
-
-
-@triton.jit
-def _key_to_float(key):
-    bits = (key - 1).to(tl.int32)
-    return tl.where(key == 0, -1.0, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -209,20 +197,11 @@ def _target_ranks(n, k, s_ptr, s_bits, mode, s_is_ptr):
 
 
 @triton.jit
-def _lerp(a, b, w):
-    """reference.lerp, operation for operation (the kernel is launched without fp fusion)."""
-    d = b - a
-    low = a + w * d
-    high = b - d * (1.0 - w)
-    return tl.where(w < 0.5, low, high)
-
-
-@triton.jit
 def _finish(st, t_ptr, stamp, v_lo, v_hi, le, eq, n, k, w, mode):
     """Write the threshold (and the k-mode tie plan) once the order statistics are exact."""
-    f_lo = _key_to_float(v_lo)
+    f_lo = key_to_float(v_lo)
     quantile = tl.cast(mode, tl.int32) == QUANTILE
-    tl.store(t_ptr, tl.where(quantile, _lerp(f_lo, _key_to_float(v_hi), w), f_lo))
+    tl.store(t_ptr, tl.where(quantile, lerp(f_lo, key_to_float(v_hi), w), f_lo))
     # k-mode: ties to keep = k minus the keys above t; "partial" when some ties are dropped.
     need = tl.cast(k, tl.int64) - (tl.cast(n, tl.int64) - le)
     tl.store(st + F_NEED, need)
@@ -335,7 +314,7 @@ def _round_kernel(
                     valid = idx < tl.cast(n_sample, tl.int64)
                     stride = tl.cast(sample_stride, tl.int64)
                     pos = idx * stride + ((idx * 2654435761) & 0xFFFFFFFF) % stride
-                    key = _magnitude_key(tl.load(row + pos, mask=valid, other=0))
+                    key = magnitude_key(tl.load(row + pos, mask=valid, other=0))
             inside = valid & (key >= wlo32) & (key <= whi32)
             bins = tl.where(inside, (key - wlo32) >> shift32, 0)
             hist += tl.histogram(bins, NBINS, mask=inside)
@@ -532,7 +511,7 @@ def _compact_kernel(
             tile += nprog
             valid_next = _tile_valid(tile * BLOCK, n64, offs, BLOCK)  # no lanes past the end
             v_next = tl.load(row + tile * BLOCK + offs, mask=valid_next, other=0)
-            key = _magnitude_key(v)
+            key = magnitude_key(v)
             # wlo <= key <= whi as one unsigned compare
             inside = valid & ((key - wlo32).to(tl.uint32, bitcast=True) <= span)
             flags = inside.to(tl.int32)
