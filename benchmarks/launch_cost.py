@@ -32,7 +32,6 @@ def _workloads():
     from pysnell.ops.monarch.function import monarch_shapes
     from pysnell.ops.snell.reference import KernelParams, SnellSpec
 
-    snell._INTERPRETED = monarch._INTERPRETED = False  # GPU tile choices
     m = n = 768
     A, B = torch.rand(8, n) * 0.1, torch.rand(m, 8) * 0.1
     params = KernelParams(*kernel_params(A, "piecewise", 2, 0.1))

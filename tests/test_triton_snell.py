@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 
+from pysnell import _backend
 from pysnell.functional import kernel_merge, kernel_params, snell_linear
 from pysnell.ops.snell import function as fn
 from pysnell.ops.snell import reference as ref
@@ -354,7 +355,7 @@ def test_merge_ops(seed, backend, kernel):
 
 def test_unsupported_calls_fall_back_to_torch(seed, caplog, monkeypatch):
     """float64 factors run the torch implementation, logged once."""
-    monkeypatch.setattr(ts, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", set())
     m, n, r = 21, 19, 4
     x, W = torch.randn(5, n), torch.randn(m, n)
     for kernel, dtype in (("piecewise", torch.float64), ("snella", torch.float64)):

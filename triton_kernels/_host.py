@@ -3,6 +3,7 @@
 - `cdiv` and `next_pow2`: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in
   Triton 3.x; a host call costs a few µs (argument unwrapping), about 150× a plain integer
   expression, and a layer's fwd+bwd makes dozens of them. Kernels keep using `tl.cdiv`.
+- `interpreting()`: whether the kernels run under the Triton interpreter (tile choices differ).
 - `sm_count`: a CUDA device's streaming multiprocessors (grid sizing), cached per device.
 - `KernelConstant`: a module-level constant for kernels. Before every launch Triton checks that
   each global constant a kernel uses still has the value it was compiled with (`new != old` per
@@ -16,6 +17,15 @@ import functools
 
 import torch
 import triton.language as tl
+
+from pysnell import _backend
+
+# Triton picks the interpreter when a kernel is decorated (at import), so this is fixed per process.
+INTERPRETED = _backend.triton_interpret()
+
+
+def interpreting() -> bool:
+    return INTERPRETED
 
 
 def cdiv(a: int, b: int) -> int:

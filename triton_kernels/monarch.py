@@ -48,7 +48,7 @@ import triton.language as tl
 from pysnell import _backend
 from pysnell.ops.monarch.function import _torch_backward, _torch_forward
 
-from ._host import cdiv, next_pow2, sm_count
+from ._host import cdiv, interpreting, next_pow2, sm_count
 
 # Widest block row (columns of one output block, or of one weight-gradient tile row) that a
 # fused kernel keeps on chip as an fp32 accumulator next to its operand tiles.
@@ -616,14 +616,6 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, next_pow2(n))
 
 
-# Triton picks the interpreter when a kernel is decorated (at import), so this is fixed per process.
-_INTERPRETED = _backend.triton_interpret()
-
-
-def _interpreting() -> bool:
-    return _INTERPRETED
-
-
 def _precision(dtype) -> str:
     # fp32 stays IEEE fp32 unless torch itself allows TF32 for matmuls (same math as the torch backend).
     if dtype is torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -682,7 +674,7 @@ def _rows(t):
 
 
 def _launch_opts(num_warps: int, num_stages: int) -> dict:
-    return {} if _interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+    return {} if interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
 
 
 def _stages(stage_bytes: int, most: int = 4) -> int:
@@ -696,7 +688,7 @@ def _two_stage_tiles(U, V, J, dtype, wgrad: bool):
     chunks (or token tiles) and all of its loads are pipelined.
     """
     BJ = _pow2(J)
-    if _interpreting():  # small caps: the tests' small shapes still run every loop
+    if interpreting():  # small caps: the tests' small shapes still run every loop
         return 32, 16, min(_pow2(V), 32), BJ, 4, 1
     esize = torch.finfo(dtype).bits // 8
     BU = min(_pow2(U), 64 if esize == 2 else 16)
@@ -708,7 +700,7 @@ def _two_stage_tiles(U, V, J, dtype, wgrad: bool):
 
 
 def _gemm_tiles(K, J, dtype):
-    if _interpreting():
+    if interpreting():
         return 32, 16, min(_pow2(J), 32), 4, 1
     if dtype == torch.float32:
         return 64, 32, min(_pow2(J), 128), 4, 3
@@ -719,7 +711,7 @@ def _gemm_tiles(K, J, dtype):
 def _wgrad_tiles(I, J, dtype, gathered=False):
     """gathered: the a operand's columns are a scattered index map (q % l != 0), loaded element by
     element; 16-bit tiles half as wide keep its addresses in registers (sm_90 spills at 128)."""
-    if _interpreting():
+    if interpreting():
         return 32, min(_pow2(I), 32), min(_pow2(J), 32), 4, 1
     if dtype == torch.float32:
         return 32, min(_pow2(I), 64), min(_pow2(J), 128), 4, 3
@@ -751,7 +743,7 @@ def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J
         BV=BV,
         BJ=BJ,
         HAS_BIAS=bias is not None,
-        UPCAST=_interpreting(),
+        UPCAST=interpreting(),
         PRECISION=_precision(inp.dtype),
         **_launch_opts(warps, stages),
     )
@@ -779,7 +771,7 @@ def _run_gemm(inp, w, bias, out, n_in, n_out, *, maps, NB, K, J):
         BK=BK,
         BJ=BJ,
         HAS_BIAS=bias is not None,
-        UPCAST=_interpreting(),
+        UPCAST=interpreting(),
         PRECISION=_precision(inp.dtype),
         **_launch_opts(warps, stages),
     )
@@ -824,7 +816,7 @@ def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, 
         BU=BU,
         BV=BV,
         BJ=BJ,
-        UPCAST=_interpreting(),
+        UPCAST=interpreting(),
         PRECISION=_precision(g.dtype),
         **_launch_opts(warps, stages),
     )
@@ -855,7 +847,7 @@ def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
         BT=BT,
         BI=BI,
         BJ=BJ,
-        UPCAST=_interpreting(),
+        UPCAST=interpreting(),
         PRECISION=_precision(a.dtype),
         **_launch_opts(warps, stages),
     )
@@ -884,7 +876,7 @@ def _interleave_(y, l, s, bias):
     T = y.shape[0]
     BL, BS = next_pow2(l), next_pow2(s)
     row = BL * BS
-    if _interpreting():
+    if interpreting():
         BT, warps = 2, 4
     else:
         BT = max(1, 8192 // row)
@@ -909,7 +901,7 @@ def _deinterleave(dy2, l, s):
     T = dy2.shape[0]
     out = _empty((T, l * s), dy2.device, dy2.dtype)
     BL = next_pow2(l)
-    BS = max(16, 512 // BL) if not _interpreting() else 16
+    BS = max(16, 512 // BL) if not interpreting() else 16
     BT = 16
     grid = (cdiv(T, BT), cdiv(s, BS))
     # 8 warps for the 8192-element tile: with 4, l = 8 spills (sm_90)

@@ -23,7 +23,6 @@ Design (measured choices are in the README / benchmarks/ops_snell.py):
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import torch
@@ -35,10 +34,8 @@ from pysnell import _backend
 from pysnell.ops.snell import reference as ref
 from pysnell.ops.snell.function import _torch_layer_backward, _torch_layer_forward
 
-from ._host import KernelConstant, cdiv, next_pow2, sm_count
+from ._host import KernelConstant, cdiv, interpreting, next_pow2, sm_count
 from ._keys import key_to_float, lerp, magnitude_key
-
-log = logging.getLogger("pysnell")
 
 _KERNEL_IDS = {"linear": 0, "piecewise": 1, "snella": 2, "rbf": 3, "sigmoid": 4}
 _PIECEWISE_KERNELS = ("piecewise", "snella")  # the ones made of pieces (coefficients c_p)
@@ -814,27 +811,19 @@ def _reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-# Triton picks the interpreter when a kernel is decorated (at import), so this is fixed per process.
-_INTERPRETED = _backend.triton_interpret()
-
-
-def _interpret() -> bool:
-    return _INTERPRETED
-
-
 def _num_sms(device) -> int:
     return sm_count(device) if device.type == "cuda" else 1
 
 
 def _tile_sizes():
     """(BM, BN, num_warps) of the elementwise tile kernels (interpreter: INTERPRET_TILE square)."""
-    if _interpret():
+    if interpreting():
         return INTERPRET_TILE, INTERPRET_TILE, 4
     return TILE
 
 
 def _backward_tiles(rp: int, gs_dtype: torch.dtype):
-    if _interpret():
+    if interpreting():
         return INTERPRET_TILE, INTERPRET_TILE, 4
     if rp <= 16:
         return BACKWARD_TILE
@@ -870,9 +859,6 @@ def _sparsity_device(sparsity, device) -> torch.Tensor:
     return t
 
 
-_warned: set = set()
-
-
 def _fallback_reason(x2, A, B, params, spec, weight=None):
     """Why this call goes to the torch implementation (None when the kernels handle it)."""
     if spec.kernel not in _KERNEL_IDS:
@@ -896,9 +882,8 @@ def _fallback_reason(x2, A, B, params, spec, weight=None):
 
 
 def _warn_fallback(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("pysnell: triton SNELL layer falls back to torch (%s)", reason)
+    message = f"pysnell: triton SNELL layer falls back to torch ({reason})"
+    _backend._warn_once(("snell-triton-fallback", reason), message)
 
 
 def _scalar(t):
@@ -989,10 +974,10 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
     n_ct = cdiv(geo.n, BN)
     n_tiles = cdiv(geo.m_g, BM) * n_ct
     sms = _num_sms(dev)
-    grid0 = n_tiles if _interpret() else max(1, min(n_tiles, (8 * sms) // G))
+    grid0 = n_tiles if interpreting() else max(1, min(n_tiles, (8 * sms) // G))
     tiles_per_prog = cdiv(n_tiles, grid0)
     grid0 = cdiv(n_tiles, tiles_per_prog)
-    SBLK = 64 if _interpret() else 1024
+    SBLK = 64 if interpreting() else 1024
     n_sample = min(PILOT_SAMPLES, numel)
 
     def launch(pass_idx, hist, next_hist, next_numel, sample, nb_this, nb_next, grid, wide):
@@ -1004,7 +989,7 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
             geo.m_g, geo.n, n_ct, n_tiles, tiles_per_prog,
             n_sample, _SAMPLE_MULT, max(0.0, float(PILOT_Z)),
             KERNEL=geo.kernel, SAMPLE=sample, NB=nb_this, NB_NEXT=nb_next, WIDE=wide, BM=BM, BN=BN, SBLK=SBLK,
-            ZBLK=16384 if _interpret() else 1024,
+            ZBLK=16384 if interpreting() else 1024,
             num_warps=warps, **geo.statics,
         )  # fmt: skip
 
@@ -1093,7 +1078,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     n_ct, n_rt = cdiv(geo.n, BN), cdiv(geo.m_g, BM)
     # Programs: column chunks × row chunks per group, about 2 per SM. The split balances the two
     # partials (column chunks × out × r for dB, row chunks × r × in for dA).
-    per_group = 2 if _interpret() else max(1, 2 * _num_sms(dev) // geo.groups)
+    per_group = 2 if interpreting() else max(1, 2 * _num_sms(dev) // geo.groups)
     n_cc = min(n_ct, max(1, round(math.sqrt(per_group * geo.n / geo.m_g))))
     tiles_per_chunk = cdiv(n_ct, n_cc)
     n_cc = cdiv(n_ct, tiles_per_chunk)
@@ -1118,7 +1103,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     dA = _alloc((geo.r, geo.n), torch.float32, dev)
     dB = _alloc((geo.m, geo.r), torch.float32, dev)
     scal = _alloc((16,), torch.float32, dev)
-    block = 256 if _interpret() else 1024
+    block = 256 if interpreting() else 1024
     nblk_a = cdiv(geo.r * geo.n, block)
     nblk_b = cdiv(geo.m * geo.r, block)
     _reduce_kernel[(nblk_a + nblk_b + 1,)](

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from pysnell import _backend
 
-from ._host import KernelConstant, cdiv, next_pow2, sm_count
+from ._host import KernelConstant, cdiv, interpreting, next_pow2, sm_count
 from ._keys import key_to_float, lerp, magnitude_key
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ class Config:
 
 
 def _default_config() -> Config:
-    if _backend.triton_interpret():
+    if interpreting():
         return Config(
             round_block=1024, compact_block=1024, mask_block=1024, kmode_mask_block=1024, num_warps=4, max_programs=2
         )
