@@ -77,7 +77,6 @@ _F_WIDE = KernelConstant(4)
 _F_KNOWN_LO = KernelConstant(8)
 _F_KNOWN_HI = KernelConstant(16)
 _NSCAL = KernelConstant(16)  # scalar partial slots: 0..7 dcoeffs, 8 dalpha, 9 dbeta, 10 Σ dZ·Z
-_COARSE = KernelConstant(256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1065,7 +1064,7 @@ def _effective_weight(geo, weight, stats, thresholds, sparsity_t, sparsify, dtyp
     return out
 
 
-def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_out, need_scalars):
+def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_out):
     """(dA, dB, scal[16]) from G_S; writes W_eff into w_out when given (w_out may alias gs)."""
     A, B, coeffs, alpha, beta, gamma = geo.factors
     dev = geo.device
@@ -1091,7 +1090,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     scal_part = _alloc((n_prog, 16), torch.float32, dev)
     placeholder = da_part
     _backward_kernel[(n_cc, n_chunks, geo.groups)](
-        gs, weight.contiguous() if weight is not None else placeholder,
+        gs, weight.contiguous() if weight is not None and w_out is not None else placeholder,  # read for W_eff only
         w_out if w_out is not None else placeholder,
         A, B, coeffs, alpha, beta, gamma,
         stats if stats is not None else placeholder, colsum if colsum is not None else placeholder,
@@ -1155,7 +1154,7 @@ def layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, ne
             # W_eff overwrites G_S in place unless G_S is also the weight gradient.
             if need_x:
                 w_eff = gs if dweight is None or dweight.data_ptr() != gs.data_ptr() else torch.empty_like(gs)
-            dA, dB, scal = _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_eff, need_scal)
+            dA, dB, scal = _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_eff)
             grads = (dA if need_A else None, dB if need_B else None) + _scalar_grads(geo, scal, need_scal)
     if need_x:
         if w_eff is None:
@@ -1182,7 +1181,7 @@ def merge_backward(G, A, B, params, spec, need):
         return ref.merge_backward(G, A, B, params, spec, need)
     geo = _Geometry(A, B, params, spec)
     stats = _column_pass(geo, 0, None) if geo.kernel == 2 else None
-    dA, dB, scal = _factor_grads(geo, G.contiguous(), None, stats, None, None, False, None, need)
+    dA, dB, scal = _factor_grads(geo, G.contiguous(), None, stats, None, None, False, None)
     return (dA, dB) + _scalar_grads(geo, scal, tuple(bool(v) for v in need))
 
 
