@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .harness import error_row, measure, peak_mib
+from .harness import error_row, measure, peak_mib, rel_rmse
 
 METHODS = ("full_ft", "peft_lora8", "snell_ref", "pysnell_snell8")
 BASELINE = "full_ft"
@@ -259,11 +259,6 @@ def _loss_under(spec, model, batch, device, dtype):
         return spec.loss(model, batch)
 
 
-def _rel_rmse(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def check_snell_equivalence(spec, base, batch, device, dtype) -> str:
     """pysnell SNELL vs reference semantics on the same (scaled-up) weights; raises on mismatch."""
     import pysnell
@@ -312,7 +307,7 @@ def check_snell_equivalence(spec, base, batch, device, dtype) -> str:
         batch64 = tuple(t.double() if t.is_floating_point() else t for t in batch)
         spec.loss(ref64, batch64).backward()
         worst = max(
-            _rel_rmse(getattr(layer, attr).grad, getattr(ref64.get_submodule(name), attr).grad)
+            rel_rmse(getattr(layer, attr).grad, getattr(ref64.get_submodule(name), attr).grad)
             for name, layer in layers.items()
             for attr in ("snell_A", "snell_B")
         )

@@ -25,15 +25,10 @@ import pysnell
 from pysnell import _backend, _jit
 from pysnell.ops.snell.reference import KernelParams, SnellSpec
 
-from .harness import time_fn
+from .harness import rel_rmse, time_fn
 
 BACKENDS = ("cuda", "triton", "torch")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-
-
-def rel_rmse(got, want) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 def _outputs(result):

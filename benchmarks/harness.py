@@ -57,6 +57,12 @@ def _clear_grads(tensors):
         t.grad = None
 
 
+def rel_rmse(got, want) -> float:
+    """Relative RMS error ‖got − want‖ / ‖want‖, in float64 (the providers' correctness checks)."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
 def time_fn(fn, *, device: str, warmup: int = 5, reps: int = 20, flush_l2: bool = True, grad_to_none=None) -> dict:
     """Median/p20/p80 milliseconds of fn(): CUDA events on a GPU, perf_counter on CPU.
 

@@ -32,7 +32,7 @@ import pysnell
 from pysnell import _backend
 from pysnell.ops.monarch.reference import dense_matrix
 
-from .harness import error_row, forced_backend, measure
+from .harness import error_row, forced_backend, measure, rel_rmse
 
 OP = "monarch"
 BASELINE = "dense"
@@ -152,11 +152,6 @@ def _store(tokens, layer) -> str:
     return triton_monarch._store_plan(tokens, l, s, layer.out_features)
 
 
-def _rel_rmse(got, want) -> float:
-    got, want = got.detach().float(), want.detach().float()
-    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
 def _providers(dense, mon, fly, device, full, tokens):
     """(name, module, backend context) for every provider that can run here."""
     provs = [("dense", dense, contextlib.nullcontext), ("fly_ref", fly, contextlib.nullcontext)]
@@ -237,13 +232,13 @@ def _check(name, module, x, dy, y_oracle, dx_oracle, amp, dtype, pass_) -> str:
     if name == "dense":
         return "ok: baseline"
     tol = CHECK_TOL[dtype]
-    err_y = _rel_rmse(y, y_oracle)
+    err_y = rel_rmse(y, y_oracle)
     msg = f"y rel. RMSE {err_y:.1e}"
     if err_y > tol:
         raise AssertionError(f"{name}: {msg} > {tol}")
     if pass_ == "fwd+bwd":
         y.backward(dy)
-        err_dx = _rel_rmse(x.grad, dx_oracle)
+        err_dx = rel_rmse(x.grad, dx_oracle)
         msg += f", dx {err_dx:.1e}"
         if err_dx > tol:
             raise AssertionError(f"{name}: {msg} > {tol}")

@@ -66,11 +66,6 @@ QUICK_SHAPES = [(16, 24, 20), (9, 19, 27)]
 TOLERANCE = {torch.float32: (1e-4, 5e-3), torch.bfloat16: (3e-2, 6e-2)}
 
 
-def _rel_rmse(got, want) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
 class _Case:
     """Inputs shared by the providers of one (shape, dtype, r)."""
 
@@ -216,9 +211,11 @@ def _check(name, case, forward, leaves, oracle, backend) -> str:
         y_o, dx_o, dA_o, dB_o = oracle
         want = [y_o, dx_o, dA_o, dB_o]
         got = [y, case.x.grad, case.A.grad, case.B.grad]
-    errs = [_rel_rmse(g, w) for g, w in zip(got, want)]
+    errs = [harness.rel_rmse(g, w) for g, w in zip(got, want)]
     for t in leaves:
         t.grad = None
+    if name == "pysnell_torch" and case.dtype == torch.float32:
+        return "ok: is the oracle (pysnell's torch backend in fp32), not checked against itself"
     labels = ("y", "dx", "dA", "dB")
     for i, err in enumerate(errs):
         if not math.isfinite(err) or err > (tol_y if i == 0 else tol_g):

@@ -99,3 +99,9 @@ def monarch_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
             ki, qj = divmod(ri * l + li, q)
             M[li::l, ki * p : (ki + 1) * p] += torch.outer(w2[li, :, ri], w1[ki, qj])
     return M
+
+
+def rel_rmse(got, want) -> float:
+    """Relative RMS error ‖got − want‖ / ‖want‖, in float64."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30))

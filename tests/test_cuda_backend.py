@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import rel_rmse
 
 import pysnell
 from pysnell import _backend, _jit
@@ -427,11 +428,6 @@ def poison_allocator(numel: int, dtype) -> None:
     forgets to write shows up as NaN instead of stale zeros."""
     junk = torch.full((max(int(numel), 1),), float("nan"), dtype=dtype, device=DEV)
     del junk
-
-
-def rel_rmse(got, want) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 def assert_sum_close(got, want, scale: float, name: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import monarch_dense
+from oracles import monarch_dense, rel_rmse
 
 import pysnell
 from pysnell import MonarchLinear
@@ -372,11 +372,6 @@ def test_kernels_compile_for_sm90_without_spills():
 # -------------------------------------------------------------------------------------------
 
 
-def _rel_rmse(got, want):
-    got, want = got.float(), want.float()
-    return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [8192, 16, 1])
 @pytest.mark.parametrize("sizes", BENCH_CASES, ids=lambda s: f"{s[0]}x{s[1]}-nb{s[2]}")
@@ -399,7 +394,7 @@ def test_gpu_bf16_benchmark_shapes(seed, triton_backend, sizes, T):
     assert y.dtype == torch.bfloat16
     for got, want, name in zip((y, *grads), (y_ref, *grads_ref), ("y", *GRAD_NAMES)):
         assert torch.isfinite(got).all(), name
-        err = _rel_rmse(got, want)
+        err = rel_rmse(got, want)
         assert err < 1.5e-2, f"{name}: relative RMSE {err:.2e}"
 
 
@@ -415,7 +410,7 @@ def test_gpu_autocast_stays_bf16(seed, triton_backend):
     assert layer.blkdiag1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     with torch.no_grad():
         want = x @ layer.dense_weight().t() + layer.bias
-    assert _rel_rmse(y, want) < 1.5e-2
+    assert rel_rmse(y, want) < 1.5e-2
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from oracles import rel_rmse
 
 from pysnell import _backend
 from pysnell.functional import kernel_merge, kernel_params, snell_linear
@@ -452,10 +453,6 @@ def test_kernels_compile_for_sm90_without_heavy_spills(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # GPU: the benchmark shapes, bf16 and fp32, against the torch backend
 # ------------------------------------------------------------------------------------------------
-def _rel_rmse(got, want):
-    return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
-
-
 # (tokens, in, out, groups, kernel, dtype, sparsity, rank): the two benchmark targets, fused qkv with
 # snella, and a device-side sparsity of 0 (S = ΔW, decided on the GPU without a sync).
 GPU_CASES = [
@@ -497,7 +494,7 @@ def test_gpu_matches_torch_backend(seed, T, n, m, groups, kernel, dtype, target,
     del delta
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     tol_factors = max(tol, 5e-3) if flips_possible else tol
-    assert _rel_rmse(y, y_ref) < tol
+    assert rel_rmse(y, y_ref) < tol
     needs = (True, False, True, True, True, True, True, True, True)
     g_ref = fn._torch_layer_backward(dy, x, W, A, B, params, spec, s, t_ref, needs)
     g = ts.layer_backward(dy, x, W, A, B, params, spec, s, t, needs)
@@ -508,7 +505,7 @@ def test_gpu_matches_torch_backend(seed, T, n, m, groups, kernel, dtype, target,
         assert torch.isfinite(got).all(), name
         # scalar grads are single sums over every entry, with cancellation: looser
         bound = {"dx": tol, "dbias": tol, "dA": tol_factors, "dB": tol_factors}.get(name, max(5 * tol, 1e-2))
-        assert _rel_rmse(got, want) < bound, name
+        assert rel_rmse(got, want) < bound, name
 
 
 @pytest.mark.gpu

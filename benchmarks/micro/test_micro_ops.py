@@ -23,6 +23,8 @@ from pysnell.ops.monarch import reference as monarch_ref
 from pysnell.ops.snell import reference as snell_ref
 from pysnell.ops.topk import reference as topk_ref
 
+from ..harness import rel_rmse
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 BACKENDS = ("torch", "triton", "cuda")
@@ -60,11 +62,6 @@ def use_backend():
 
 def _ran(op: str, backend: str):
     assert pysnell.last_backend(op) == backend, f"{op} ran on {pysnell.last_backend(op)}, not {backend}"
-
-
-def _rel_rmse(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _tol(dtype) -> float:
@@ -178,7 +175,7 @@ def test_snell_linear_fwd_bwd(benchmark, use_backend, backend):
         ("dA", layer.snell_A.grad, A.grad),
         ("dB", layer.snell_B.grad, B.grad),
     ):
-        err = _rel_rmse(got, want)
+        err = rel_rmse(got, want)
         assert err <= tol, f"{name}: relative RMSE {err:.3g} against the reference exceeds {tol}"
     params = [x, layer.snell_A, layer.snell_B]
 
@@ -209,9 +206,9 @@ def test_monarch_matmul_fwd_bwd(benchmark, use_backend, backend):
     y_ref.backward(dy.float())
     tol = _tol(dtype)
     for name, got, want in (("y", y, y_ref), ("dx", x.grad, leaves[0].grad), ("dw1", w1.grad, leaves[1].grad)):
-        err = _rel_rmse(got, want)
+        err = rel_rmse(got, want)
         assert err <= tol, f"{name}: relative RMSE {err:.3g} against the reference exceeds {tol}"
-    err = _rel_rmse(w2.grad, leaves[2].grad)
+    err = rel_rmse(w2.grad, leaves[2].grad)
     assert err <= tol, f"dw2: relative RMSE {err:.3g} against the reference exceeds {tol}"
 
     def setup():
