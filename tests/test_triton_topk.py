@@ -401,13 +401,13 @@ def test_gpu_paths_at_scale(seed, traces):
 
 
 @pytest.mark.gpu
-def test_gpu_autograd_form_gradient(seed):
+def test_gpu_autograd_form_gradient(seed, backend):
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
-    with _backend_forced("triton"):
-        out, _ = pysnell.topk_mask(x, sparsity=0.9)
-        assert pysnell.last_backend("topk.mask_") == "triton"
-        out.backward(g)
+    backend.set_backend("triton")
+    out, _ = pysnell.topk_mask(x, sparsity=0.9)
+    assert pysnell.last_backend("topk.mask_") == "triton"
+    out.backward(g)
     keep = ref.keep_mask(x.detach(), sparsity=0.9)[0].view(x.shape)
     assert torch.equal(out.detach(), x.detach() * keep) and torch.equal(x.grad, g * keep)
 
@@ -425,15 +425,3 @@ def test_gpu_extra_memory_within_budget(seed):
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - before
         assert extra <= 2**20 + x.numel() // 8, (args, extra)
-
-
-class _backend_forced:
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.before = pysnell.get_backend()
-        pysnell.set_backend(self.name)
-
-    def __exit__(self, *exc):
-        pysnell.set_backend(self.before)
