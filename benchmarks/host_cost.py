@@ -29,10 +29,13 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import pysnell  # noqa: E402
 
-# aten ops that run no kernel on a GPU (metadata, allocation, autograd bookkeeping)
-_NO_KERNEL = ("view", "reshape", "_unsafe_view", "t.default", "transpose", "permute", "select", "slice", "detach",
-              "alias", "empty", "new_empty", "expand", "unsqueeze", "squeeze", "as_strided", "set_", "split",
-              "promote_types", "_local_scalar_dense", "lift_fresh")  # fmt: skip
+# aten ops that run no kernel on a GPU (metadata, allocation, autograd bookkeeping), by exact name
+_NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "_reshape_alias", "reshape", "view_as", "t", "transpose", "permute", "select",
+    "slice", "detach", "alias", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+    "expand", "expand_as", "unsqueeze", "squeeze", "as_strided", "set_", "split", "split_with_sizes",
+    "unbind", "promote_types", "_local_scalar_dense", "lift_fresh",
+})  # fmt: skip
 IN_F, OUT_F, TOKENS = 64, 48, 8
 
 
@@ -44,7 +47,7 @@ class _Count(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if not self.paused and not any(part in name for part in _NO_KERNEL):
+        if not self.paused and func.overloadpacket.__name__ not in _NO_KERNEL:
             self.ops[name.removeprefix("aten.").removesuffix(".default")] += 1
         return func(*args, **(kwargs or {}))
 
