@@ -274,6 +274,7 @@ template <typename T>
 Split split_of(const Gemm& g) {
   const int64_t bk = sizeof(T) == 4 ? kFmaBK : kTcBK;
   const int64_t tiles = g.batch * detail::ceil_div(g.M, BM) * detail::ceil_div(g.N, BN);
+  if (tiles == 0 || g.K == 0) return Split{1, bk};  // no tokens: nothing to split (and no division by 0)
   const int64_t want = 2 * static_cast<int64_t>(detail::device_sm_count());
   int64_t splits = 1;
   if (tiles < want && g.K >= 4 * 256) {
@@ -449,17 +450,17 @@ template <typename T>
 cudaError_t monarch_backward(const MonarchShape& sh, const T* dy, const T* x, const T* w1, const T* w2, T* dx,
                              T* dw1, T* dw2, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!valid(sh)) return cudaErrorInvalidValue;
+  if (sh.tokens == 0) {  // sums over no tokens: zero weight gradients (as the forward, before the workspace)
+    if (dw1 != nullptr) PYSNELL_RETURN_IF_ERROR(cudaMemsetAsync(dw1, 0, sizeof(T) * sh.k * sh.q * sh.p, stream));
+    if (dw2 != nullptr) PYSNELL_RETURN_IF_ERROR(cudaMemsetAsync(dw2, 0, sizeof(T) * sh.l * sh.s * sh.r, stream));
+    return cudaSuccess;
+  }
   if (workspace_bytes < monarch_backward_workspace_bytes(sh, sizeof(T))) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
   void* mid = ws;
   void* dmid = ws + mid_bytes(sh, sizeof(T));
   float* partial = reinterpret_cast<float*>(ws + 2 * mid_bytes(sh, sizeof(T)));
   const BackwardGemms b = backward_gemms(sh, dy, x, w1, w2, dx, dw1, dw2, mid, dmid);
-  if (sh.tokens == 0) {  // sums over no tokens: zero weight gradients
-    if (dw1 != nullptr) PYSNELL_RETURN_IF_ERROR(cudaMemsetAsync(dw1, 0, sizeof(T) * sh.k * sh.q * sh.p, stream));
-    if (dw2 != nullptr) PYSNELL_RETURN_IF_ERROR(cudaMemsetAsync(dw2, 0, sizeof(T) * sh.l * sh.s * sh.r, stream));
-    return cudaSuccess;
-  }
   if (dw2 != nullptr) {
     PYSNELL_RETURN_IF_ERROR(run_gemm<T>(b.mid, partial, stream));
     PYSNELL_RETURN_IF_ERROR(run_gemm<T>(b.dw2, partial, stream));
