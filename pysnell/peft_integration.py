@@ -40,7 +40,7 @@ from .ops.snell import reference as ref
 PEFT_TYPE = "SNELL"
 PREFIX = "snell_"
 # [lowest, first unsupported): the internal mapping dicts work end to end in this range.
-SUPPORTED_PEFT = ("0.21.0", "0.22.0")
+SUPPORTED_PEFT = ("0.21.0", "0.22.0")  # also in pyproject.toml (extras) and the Makefile (PEFT_LOWEST/BELOW)
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
