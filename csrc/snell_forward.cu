@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(NT)
     if (i > 0) {  // next column tile: same B rows, new A columns
       t = tile_of(f, first_ct + i);
       __syncthreads();
-      load_a_tile(f, t, smem + static_cast<size_t>(f.r) * LDT);
+      load_a_tile(f, t, const_cast<float*>(c.As));  // the A tile load_factors laid out
       __syncthreads();
     }
     float4 cst[4];
