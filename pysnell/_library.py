@@ -150,10 +150,17 @@ def _snell_merge_backward_impl(
     _, impl = _backend.pick("snell.merge_backward", A.device)
     spec = SnellSpec(kernel, pieces, mode, out_groups)
     grads = impl(G, A, B, KernelParams(coeffs, alpha, beta, gamma), spec, tuple(need))
-    wanted = (True, True) + tuple(need)
     inputs = _storages((G, A, B, coeffs, alpha, beta, gamma))
-    likes = (A, B, coeffs, alpha, beta, gamma)  # each gradient is shaped like its input
-    return _conform_all([(g, t.shape, t.dtype, w) for g, t, w in zip(grads, likes, wanted)], inputs, A.device)
+    items = [
+        (g, t.shape, t.dtype, w) for g, (t, w) in zip(grads, _merge_grads_like(A, B, coeffs, alpha, beta, gamma, need))
+    ]
+    return _conform_all(items, inputs, A.device)
+
+
+def _merge_grads_like(A, B, coeffs, alpha, beta, gamma, need):
+    """(input, wanted) per gradient of snell_merge_backward: each gradient is shaped like its input;
+    dA and dB are always returned, the kernel parameters' when `need` says so."""
+    return list(zip((A, B, coeffs, alpha, beta, gamma), (True, True, *need)))
 
 
 _snell_merge_backward = torch.library.custom_op(
@@ -163,9 +170,7 @@ _snell_merge_backward = torch.library.custom_op(
 
 @_snell_merge_backward.register_fake
 def _(G, A, B, coeffs, alpha, beta, gamma, kernel, pieces, mode, out_groups, need):
-    wanted = (True, True) + tuple(need)
-    likes = (A, B, coeffs, alpha, beta, gamma)  # each gradient is shaped like its input
-    return [t.new_empty(t.shape if w else (0,)) for t, w in zip(likes, wanted)]
+    return [t.new_empty(t.shape if w else (0,)) for t, w in _merge_grads_like(A, B, coeffs, alpha, beta, gamma, need)]
 
 
 def _snell_layer_forward_impl(
