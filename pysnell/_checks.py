@@ -44,9 +44,10 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
 def check_sparsity_arg(sparsity, name: str = "sparsity"):
     """Validate a sparsity given as a float or a 1-element tensor, and return it unchanged.
 
-    A tensor's value is checked where reading it costs no device synchronisation (CPU, eager); a GPU
-    buffer was validated when it was set (SNELLLinear.set_sparsity), and the kernels clamp positions
-    anyway. Under torch.compile reading the value would break the graph, so it is skipped there too.
+    A tensor's value is checked where reading it costs no device synchronisation (CPU, eager). A GPU
+    tensor's value is not read here (SNELLLinear.set_sparsity checks values it is given; a GPU tensor
+    assigned another way is not checked), and the kernels clamp positions. Under torch.compile reading
+    the value would break the graph, so it is skipped there too.
     """
     if isinstance(sparsity, torch.Tensor):
         if sparsity.numel() != 1:

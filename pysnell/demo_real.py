@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 MARGIN = 1.0
-HIDDEN = 384
 # The attention (query, key, value, output) and MLP (intermediate, output) linears of every BERT layer.
 ATTENTION_AND_MLP = (
     r".*layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"

@@ -270,6 +270,7 @@ def _build_classes() -> dict[str, type]:
 
         def update_layer(self, adapter_name: str, config, out_groups: int) -> None:
             # SNELLLinear validates the settings and initialises the tensors exactly as pysnell.inject does.
+            # config is a SNELLPeftConfig, which has every SNELLConfig field: layer_kwargs reads only those.
             proto = SNELLLinear(self.base_layer, out_groups=out_groups, **SNELLConfig.layer_kwargs(config))
             self.snell_A[adapter_name] = proto.snell_A
             self.snell_B[adapter_name] = proto.snell_B
