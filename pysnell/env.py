@@ -42,6 +42,10 @@ def _triton_state(torch) -> dict:
     state["kernels_loaded"] = error is None
     if error is not None:
         state["error"] = error
+    else:  # a family whose module failed to load leaves its ops to the other backends
+        from .triton_kernels import FAMILY_ERRORS
+
+        state["family_errors"] = dict(FAMILY_ERRORS)
     state["ops"] = sorted(op for op, impls in _backend._registry.items() if "triton" in impls)
     if torch.cuda.is_available():
         state["usable"] = error is None
@@ -166,6 +170,8 @@ def format_report(r: dict) -> str:
         lines.append(f"         ops: {', '.join(t.get('ops', [])) or 'none'}")
         if t.get("error"):
             lines.append(f"         error: {t['error']}")
+        for family, reason in t.get("family_errors", {}).items():
+            lines.append(f"         {family} kernels failed to load: {reason}")
     c = r["backends"]["cuda"]
     lines.append(
         f"cuda   : torch CUDA {c['torch_cuda'] or 'none'}, nvcc: {c['nvcc'] or 'not found'}"

@@ -86,3 +86,24 @@ def test_pick_without_any_implementation_errors(backend):
         _backend.pick("no.such.op", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown backend"):
         _backend.register("snell.merge", "numpy", lambda *a: None)
+
+
+def test_a_triton_family_that_fails_to_load_leaves_the_others_and_is_reported(monkeypatch, caplog):
+    kernels = pytest.importorskip("pysnell.triton_kernels")
+    import pysnell.triton_kernels.monarch as triton_monarch
+
+    from pysnell import env
+
+    def broken():
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(triton_monarch, "register", broken)
+    monkeypatch.setattr(kernels, "FAMILY_ERRORS", {})
+    with caplog.at_level(logging.WARNING, logger="pysnell"):
+        kernels.register()  # topk and snell register again (idempotent), monarch fails
+    assert kernels.FAMILY_ERRORS == {"monarch": "RuntimeError: simulated"}
+    assert "Triton monarch kernels failed to load" in caplog.text
+    assert "triton" in _backend._registry["snell.layer_forward"] and "triton" in _backend._registry["topk.mask_"]
+    report = env.report()
+    assert report["backends"]["triton"]["family_errors"] == {"monarch": "RuntimeError: simulated"}
+    assert "monarch kernels failed to load: RuntimeError: simulated" in env.format_report(report)

@@ -7,10 +7,12 @@ use Triton. Under TRITON_INTERPRET=1 (set before import) the kernels also run on
 """
 
 import importlib
-import logging
+
+from pysnell import _backend
 
 FAMILIES = ("topk", "monarch", "snell")
-# Families whose kernels failed to load, with the reason (their ops fall back to torch).
+# Families whose kernels failed to load, with the reason (their ops use another backend; `python -m
+# pysnell.env` lists them).
 FAMILY_ERRORS: dict[str, str] = {}
 
 
@@ -22,7 +24,7 @@ def register() -> None:
             importlib.import_module(f"{__name__}.{family}").register()
         except Exception as exc:  # noqa: BLE001 - one broken family must not disable the others
             FAMILY_ERRORS[family] = f"{type(exc).__name__}: {exc}"
-            logging.getLogger("pysnell").warning(
+            _backend.log.warning(
                 "pysnell: the Triton %s kernels failed to load (%s); their ops use another backend",
                 family,
                 FAMILY_ERRORS[family],
