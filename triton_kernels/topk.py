@@ -459,7 +459,7 @@ def _resolve_sample(
 # Compaction pass: exact count below the sample's window, the window's keys to the buffer.
 
 
-@triton.jit(do_not_specialize=["k", "cap", "tiles_full", "s_bits", "launch", "mode", "s_is_ptr"])
+@triton.jit(do_not_specialize=["k", "cap", "compact_tiles", "s_bits", "launch", "mode", "s_is_ptr"])
 def _compact_kernel(
     x_ptr,
     cand_ptr,
@@ -472,7 +472,7 @@ def _compact_kernel(
     n,
     k,
     cap,
-    tiles_full,
+    compact_tiles,
     BLOCK: tl.constexpr,
 ):
     """One pass over each row: count the keys below the sample's window exactly and copy the keys
@@ -490,7 +490,7 @@ def _compact_kernel(
     word = tl.load(st + F_PHASE)
     phase = tl.where((word >> 8) < launch, word & 0xFF, PH_DONE)
     stamp = tl.cast(launch, tl.int64) << 8
-    n_tiles = tl.cast(tiles_full, tl.int64)
+    n_tiles = tl.cast(compact_tiles, tl.int64)
     n_active = tl.minimum(n_tiles, nprog)
     if (phase == PH_COMPACT) & (pid < n_active):
         wlo = tl.load(st + F_WLO)
@@ -694,11 +694,13 @@ debug_states: list | None = None
 def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity, t_out, cand, cfg: Config):
     """Run the selection rounds on `groups` contiguous rows of n elements; writes t_out (G,).
 
-    Returns the state block (the k-mode tie plan lives there)."""
+    Returns (state block, sparsity pointer, sparsity bits, pointer flag): the state holds the k-mode
+    tie plan, and the mask kernel reads the sparsity the same way the rounds did."""
     device = rows.device
     state = torch.zeros(groups * STATE_STRIDE.value, dtype=torch.int64, device=device)
     s_tensor, s_bits = _sparsity_args(sparsity, device) if mode == QUANTILE.value else (None, 0)
-    # A number travels by its bits; the pointer argument then gets any float64 view (never read).
+    # A number travels by its bits; the pointer argument then gets a float64 view of the state: the
+    # kernels load through it either way (tl.where evaluates both sides) and discard that value.
     s_ptr = s_tensor if s_tensor is not None else state.view(torch.float64)
     s_is_ptr = int(s_tensor is not None)
     cap = cand.numel() // groups
