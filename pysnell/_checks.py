@@ -58,6 +58,13 @@ def check_sparsity_arg(sparsity, name: str = "sparsity"):
     return check_sparsity(sparsity, name)
 
 
+def check_positive_int(name: str, value) -> int:
+    """`value` as given when it is an int ≥ 1 (not a bool); a ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_sparsity
+from ._checks import check_choice, check_positive_int, check_sparsity
 from .nn.monarch_linear import MonarchLinear
 from .nn.snell_linear import SNELLLinear
 from .ops.snell import reference as ref
@@ -52,10 +52,8 @@ class SNELLConfig:
         check_sparsity(self.sparsity)
         check_choice("kernel", self.kernel, ref.KERNELS)
         check_choice("mode", self.mode, ref.MODES)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
-        if isinstance(self.pieces, bool) or not isinstance(self.pieces, int) or self.pieces < 1:
-            raise ValueError(f"pieces must be a positive int, got {self.pieces!r}")
+        check_positive_int("r", self.r)
+        check_positive_int("pieces", self.pieces)
         if self.r % self.pieces:
             raise ValueError(f"r={self.r} must be divisible by pieces={self.pieces}")
 

@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_float_tensor, check_same_device, check_sparsity_arg
+from ._checks import check_choice, check_float_tensor, check_positive_int, check_same_device, check_sparsity_arg
 from .ops.monarch.function import monarch_matmul, monarch_project  # noqa: F401 (re-export)
 from .ops.snell import reference as ref
 from .ops.snell.function import KernelMergeFunction, SNELLLinearFunction, SparsifyFunction, sparsity_snapshot
@@ -22,12 +22,10 @@ def check_snell_factors(A, B, *, kernel, pieces, out_groups=1, in_features=None,
     r = A.shape[0]
     if B.shape[1] != r:
         raise ValueError(f"B must be (out, r={r}) to match A (r, in) = {tuple(A.shape)}, got {tuple(B.shape)}")
-    if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
-        raise ValueError(f"pieces must be a positive int, got {pieces!r}")
+    check_positive_int("pieces", pieces)
     if r % pieces:
         raise ValueError(f"r={r} must be divisible by pieces={pieces}")
-    if isinstance(out_groups, bool) or not isinstance(out_groups, int) or out_groups < 1:
-        raise ValueError(f"out_groups must be a positive int, got {out_groups!r}")
+    check_positive_int("out_groups", out_groups)
     if B.shape[0] % out_groups:
         raise ValueError(f"out_features={B.shape[0]} must be divisible by out_groups={out_groups}")
     if in_features is not None and A.shape[1] != in_features:
@@ -103,8 +101,7 @@ def sparsify(delta, sparsity, mode="reference", *, out_groups=1):
     """
     check_float_tensor("delta", delta, ndim=2)
     check_choice("mode", mode, ref.MODES)
-    if isinstance(out_groups, bool) or not isinstance(out_groups, int) or out_groups < 1:
-        raise ValueError(f"out_groups must be a positive int, got {out_groups!r}")
+    check_positive_int("out_groups", out_groups)
     if delta.shape[0] % out_groups:
         raise ValueError(f"delta rows ({delta.shape[0]}) must be divisible by out_groups={out_groups}")
     check_sparsity_arg(sparsity)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import functional as PF
-from .._checks import check_choice, check_sparsity, check_sparsity_arg
+from .._checks import check_choice, check_positive_int, check_sparsity, check_sparsity_arg
 from ..ops.snell import reference as ref
 
 
@@ -39,10 +39,8 @@ class SNELLLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
-            raise ValueError(f"pieces must be a positive int, got {pieces!r}")
+        check_positive_int("r", r)
+        check_positive_int("pieces", pieces)
         if r % pieces:
             raise ValueError(f"r={r} must be divisible by pieces={pieces}")
         check_choice("kernel", kernel, ref.KERNELS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ... import _backend, _library
-from ..._checks import check_float_tensor, check_same_device
+from ..._checks import check_float_tensor, check_positive_int, check_same_device
 from . import reference as ref
 
 
@@ -108,8 +108,7 @@ def monarch_project(weight: torch.Tensor, nblocks: int):
 def monarch_shapes(in_features: int, out_features: int, nblocks: int):
     """(w1 shape, w2 shape) of a MonarchLinear layer (spec/MONARCH.md §2)."""
     for name, v in (("in_features", in_features), ("out_features", out_features), ("nblocks", nblocks)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int(name, v)
     if nblocks > min(in_features, out_features):
         raise ValueError(f"nblocks={nblocks} must not exceed in_features={in_features} or out_features={out_features}")
     in_blk = -(-in_features // nblocks)
