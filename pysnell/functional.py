@@ -46,11 +46,14 @@ def _default_constant(key: tuple, make) -> torch.Tensor:
         return make()
     t = _default_constants.get(key)
     if t is None:
+        if len(_default_constants) >= 1024:  # e.g. a sweep over float sparsities: stay bounded
+            _default_constants.clear()
         t = _default_constants[key] = make()
     return t
 
 
-def _default_scalar(value: float, device, dtype) -> torch.Tensor:
+def default_scalar(value: float, device, dtype) -> torch.Tensor:
+    """A cached 0-dim constant (kernel scalars, a float sparsity for the kernels)."""
     # torch.full, not torch.tensor: copying a host value to a GPU synchronises the stream
     return _default_constant(
         ("scalar", value, device, dtype), lambda: torch.full((), value, device=device, dtype=dtype)
@@ -70,7 +73,7 @@ def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, 
     out = []
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if value is None:
-            value = _default_scalar(init[name], dev, dt)
+            value = default_scalar(init[name], dev, dt)
         elif not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError(f"{name} must be a 1-element tensor, got {value!r}")
         out.append(value if value.dim() == 0 else value.reshape(()))

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from pysnell import _backend
+from pysnell.functional import default_scalar
 from pysnell.ops.snell import reference as ref
 from pysnell.ops.snell.function import _torch_layer_backward, _torch_layer_forward
 
@@ -839,23 +840,13 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_sparsity_cache: dict = {}
-
-
 def _sparsity_device(sparsity, device) -> torch.Tensor:
     """A 0-dim float64 tensor on `device` (no launch for a repeated Python float, no sync)."""
     if isinstance(sparsity, torch.Tensor):
         if sparsity.dtype == torch.float64 and sparsity.device == device and sparsity.dim() == 0:
             return sparsity.detach()
         return sparsity.detach().to(device=device, dtype=torch.float64).reshape(())
-    key = (float(sparsity), str(device))
-    t = _sparsity_cache.get(key)
-    if t is None:
-        if len(_sparsity_cache) > 256:
-            _sparsity_cache.clear()
-        t = torch.full((), float(sparsity), dtype=torch.float64, device=device)
-        _sparsity_cache[key] = t
-    return t
+    return default_scalar(float(sparsity), device, torch.float64)
 
 
 def _fallback_reason(x2, A, B, params, spec, weight=None):
