@@ -4,11 +4,16 @@ Inside `compile_only()` Triton targets sm_90 through a driver that never launche
 call compiles (Triton's bundled ptxas) and is recorded instead of run, so the host code runs as
 on a GPU over CPU tensors that nothing reads. The sm_90 compile checks in tests/ and
 benchmarks/launch_cost.py use it. TRITON_INTERPRET must be unset before triton is imported.
+
+Inside `fake_launches()` Triton's whole launch path runs as on a GPU, up to the launcher call,
+which records its arguments instead of launching: the tests compare what `_host.Relaunch`
+launches with what Triton's own path launches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -17,6 +22,8 @@ import triton
 import triton.runtime.jit as jit
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
+
+from . import _host
 
 
 class CompileOnlyDriver:
@@ -33,6 +40,44 @@ class CompileOnlyDriver:
 
     def get_current_stream(self, device=None):
         return 0
+
+
+class _FakeUtils:
+    def load_binary(self, name, kernel, shared, device):
+        # module, function (one per binary: variants of a kernel differ), registers, spills, max threads
+        return object(), f"{name}:{hashlib.sha1(kernel).hexdigest()[:12]}", 0, 0, 1024
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132}  # an H100's
+
+
+class FakeLaunchDriver(CompileOnlyDriver):
+    """Compiles for one architecture; each launch appends the launcher's arguments to `launches`."""
+
+    def __init__(self, arch: int = 90):
+        super().__init__(arch)
+        self.utils = _FakeUtils()
+        self.launches = []
+
+    def launcher_cls(self, src, metadata):
+        def launch(*args):
+            self.launches.append(args)
+
+        return launch
+
+
+@contextlib.contextmanager
+def fake_launches(arch: int = 90):
+    """Yields the list of recorded launches: (grid x, y, z, stream, function, packed metadata,
+    launch metadata, enter hook, exit hook, *every kernel parameter). Compiled kernels keep the fake
+    launcher afterwards: use it in a process that never launches for real."""
+    previous = getattr(driver, "_active", None)
+    fake = FakeLaunchDriver(arch)
+    driver.set_active(fake)
+    try:
+        yield fake.launches
+    finally:
+        driver._active = previous
 
 
 @contextlib.contextmanager
@@ -52,7 +97,8 @@ def compile_only(arch: int = 90):
     driver.set_active(CompileOnlyDriver(arch))
     jit.JITFunction.run = capture
     try:
-        yield calls
+        with _host.relaunch_suspended():  # every launch through the capture above
+            yield calls
     finally:
         jit.JITFunction.run = run
         driver._active = previous

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from pysnell import _backend
 
-from ._host import KernelConstant, cdiv, interpreting, next_pow2, sm_count
+from ._host import KernelConstant, Relaunch, cdiv, interpreting, next_pow2, sm_count
 from ._keys import key_to_float, lerp, magnitude_key
 
 # --------------------------------------------------------------------------------------------------
@@ -723,11 +723,13 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
     round_grid = (programs, groups)
     head = (rows, cand, state, t_out, s_ptr, s_bits)
     tail = (mode, s_is_ptr, first_phase, n, k, cap, n_sample, stride, tiles_full, cfg.sample_z)
-    # Launches are numbered from 1: the state records which launch wrote it.
+    # Launches are numbered from 1: the state records which launch wrote it. The rounds differ in
+    # that number only, so Triton's launch path runs for the first one alone.
+    rounds = Relaunch(_round_kernel)
     launch = 1
     if use_sample:
         for _ in range(cfg.sample_rounds):
-            _round_kernel[round_grid](*head, launch, *tail, **round_meta)
+            rounds[round_grid](*head, launch, *tail, **round_meta)
             launch += 1
         compact_tiles = cdiv(n, cfg.compact_block)
         _compact_kernel[(min(compact_tiles, max_programs), groups)](
@@ -748,7 +750,7 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
         )
         launch += 1
     for _ in range(_HIST_ROUNDS):
-        _round_kernel[round_grid](*head, launch, *tail, **round_meta)
+        rounds[round_grid](*head, launch, *tail, **round_meta)
         launch += 1
     if debug_states is not None:
         debug_states.append(state.view(groups, -1).cpu())
