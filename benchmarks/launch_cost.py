@@ -8,7 +8,9 @@ On a small layer step that cost, times the launches per step, can exceed the ker
 This script compiles each kernel of a SNELL layer step, a Monarch layer step and a top-k call once
 under pysnell.triton_kernels._aot.compile_only (sm_90, Triton's bundled ptxas, no launch), then times
 `JITFunction.run(..., warmup=True)` on the cache hit: the whole Python path of a launch except
-the final driver call (a few µs more on a GPU host). Times are this CPU's; compare versions here.
+the final driver call (a few µs more on a GPU host). A second table times each whole call, all of
+pysnell's and Triton's Python up to a launcher that only records (_aot.fake_launches), with top-k's
+repeated rounds replayed by _host.Relaunch and without. Times are this CPU's; compare versions here.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def _workloads():
     yield "Monarch fwd", lambda: monarch.monarch_forward(xm, w1, w2, bias, 1024)
     yield "Monarch bwd", lambda: monarch.monarch_backward(dym, xm, w1, w2, (True, True, True))
     xt = torch.randn(768, 768)
-    yield "top-k mask_", lambda: topk.topk_mask_(xt, 0.9, None, False)
+    yield "top-k mask_ 768²", lambda: topk.topk_mask_(xt, 0.9, None, False)
+    xt4 = torch.randn(4096, 4096)
+    yield "top-k mask_ 4096²", lambda: topk.topk_mask_(xt4, 0.9, None, False)
 
 
 def main(argv=None) -> int:
@@ -73,7 +77,42 @@ def main(argv=None) -> int:
             fn()
             steps.append((label, calls[first:]))
         _time_launches(steps, run, args.reps)
+    _time_calls(max(1, args.reps // 5))
     return 0
+
+
+def _time_calls(reps: int) -> None:
+    """Each whole call under a driver whose launcher only records (_aot.fake_launches): all of
+    pysnell's and Triton's Python, with top-k's repeated rounds replayed (_host.Relaunch) or not.
+    Ops that launch only Triton kernels (the SNELL layer's GEMMs would run on this CPU)."""
+    from pysnell.triton_kernels import _host
+    from pysnell.triton_kernels._aot import fake_launches
+
+    print()
+    print("Whole call: host Python up to the driver (launcher stubbed), this CPU, µs per call")
+    print("| op | Triton launches | every launch through Triton's path | repeated launches replayed |")
+    print("|---|---:|---:|---:|")
+    with fake_launches() as launches:
+        for label, fn in _workloads():
+            if label.startswith("SNELL"):  # its GEMMs are aten calls, which would compute on this CPU
+                continue
+            fn()  # compiled here (the compile cache makes it quick after the table above)
+            launches.clear()
+            fn()
+            n_launches = len(launches)
+            best = {}
+            for on in (False, True):
+                with _host.use_relaunch(on):
+                    for _ in range(10):
+                        fn()
+                    best[on] = float("inf")
+                    for _ in range(3):
+                        launches.clear()
+                        t0 = time.perf_counter()
+                        for _ in range(reps):
+                            fn()
+                        best[on] = min(best[on], (time.perf_counter() - t0) * 1e6 / reps)
+            print(f"| {label} | {n_launches} | {best[False]:.1f} | {best[True]:.1f} |")
 
 
 def _time_launches(steps, run, reps: int) -> None:

@@ -355,11 +355,18 @@ def test_launch_cost_times_every_kernel_launch(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     totals = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if "launches**" in line}
-    assert set(totals) == {"SNELL layer fwd", "SNELL layer bwd", "Monarch fwd", "Monarch bwd", "top-k mask_"}
-    kernels = {line.split("|")[2].strip() for line in proc.stdout.splitlines() if line.startswith("| ")}
+    topk = {"top-k mask_ 768²", "top-k mask_ 4096²"}
+    assert set(totals) == {"SNELL layer fwd", "SNELL layer bwd", "Monarch fwd", "Monarch bwd"} | topk
+    per_launch, whole_calls = proc.stdout.split("Whole call")
+    kernels = {line.split("|")[2].strip() for line in per_launch.splitlines() if line.startswith("| ")}
     assert {"_select_pass_kernel", "_weff_kernel", "_backward_kernel", "_round_kernel", "_mask_kernel"} <= kernels
     for line in totals.values():
         assert float(line.split("|")[5].strip(" *")) > 0
+    # the whole-call table: launches per call, and both timings, for the ops with Triton kernels only
+    calls = {row[1].strip(): row[2:5] for row in (line.split("|") for line in whole_calls.splitlines()[3:])}
+    assert set(calls) == {"Monarch fwd", "Monarch bwd"} | topk, whole_calls
+    assert calls["top-k mask_ 768²"][0].strip() == "5" and calls["top-k mask_ 4096²"][0].strip() == "8"
+    assert all(float(t) > 0 for row in calls.values() for t in row[1:])
 
 
 def test_step_profile_tells_repeated_launches_apart():
