@@ -102,3 +102,28 @@ def test_kernel_constants_compare_cheaply_at_launch(family):
         twin = copy.deepcopy(value)  # what Triton keeps from compile time
         assert type(twin) is KernelConstant and (twin != value) is False
         assert (KernelConstant(value.value + 1) != value) is True
+
+
+def test_torch_backend_builds_no_tensor_from_host_data(seed, backend):
+    # The torch backend reads a CPU sparsity on purpose (free there), but must never build a device
+    # tensor from host data: on a GPU that is a copy the stream waits for, and a CUDA graph cannot
+    # capture it (tests/test_cuda_graphs.py).
+    backend.set_backend("torch")
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=True)
+    layer = pysnell.SNELLLinear(torch.nn.Linear(24, 18), r=8, sparsity=0.9).to(DEVICE)
+    monarch = pysnell.MonarchLinear(24, 18, 4, device=DEVICE)
+    delta = torch.randn(18, 24, device=DEVICE, requires_grad=True)
+    steps = {
+        "SNELLLinear": lambda: layer(x).sum().backward(),
+        "snell_linear, float sparsity": lambda: pysnell.snell_linear(
+            x, layer.base.weight, None, layer.snell_A, layer.snell_B, sparsity=0.75
+        ).sum().backward(),
+        "MonarchLinear": lambda: monarch(x).sum().backward(),
+        "topk_mask_": lambda: pysnell.topk_mask_(x.detach().clone(), sparsity=0.9),
+        "topk_mask (packed mask saved)": lambda: pysnell.topk_mask(x, sparsity=0.9)[0].sum().backward(),
+        "sparsify": lambda: pysnell.sparsify(delta, 0.8).sum().backward(),
+    }
+    for name, step in steps.items():
+        seen = _crossings_of(step)
+        assert "aten.lift_fresh.default" not in seen, (name, seen)
+    assert pysnell.last_backend("snell.layer_backward") == "torch"

@@ -29,7 +29,9 @@ def sparsity_tensor(sparsity, device) -> torch.Tensor:
     """A float64 scalar tensor on `device` (a float or a buffer tensor both work, no sync)."""
     if isinstance(sparsity, torch.Tensor):
         return sparsity.detach().to(device=device, dtype=torch.float64).reshape(())
-    return torch.tensor(float(sparsity), dtype=torch.float64, device=device)
+    # torch.full, not torch.tensor: a host value copied to a GPU waits for the stream, and a CUDA
+    # graph cannot capture that copy
+    return torch.full((), float(sparsity), dtype=torch.float64, device=device)
 
 
 def quantile_positions(sparsity: torch.Tensor, n: int):
@@ -118,8 +120,9 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+    # bits shifted into place (built on the device: no host copy, nothing a CUDA graph cannot capture)
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
