@@ -1,0 +1,137 @@
+"""CUDA graphs: pysnell's layer steps and top-k capture into a graph and replay what eager runs (GPU).
+
+A small layer step is host-bound (launches and Python); capturing it with `torch.cuda.graph` (or
+`torch.compile(mode="reduce-overhead")`) removes that cost, but only if nothing on the path syncs
+with the host, copies host data to the device, or allocates outside the caching allocator. Each test
+warms up on a side stream, captures one step, changes the inputs and the trainable factors in place
+(as data loading and the optimizer do), replays, and compares with an eager step on the same data.
+The selection is recomputed on the device each step, so a replay that used a stale threshold fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pysnell
+from pysnell import _backend
+
+pytestmark = pytest.mark.gpu
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def _need(op: str, backend_name: str) -> None:
+    if not _backend.available(op, backend_name, torch.device("cuda")):
+        pytest.skip(f"no {backend_name} kernel for {op} here")
+
+
+def _capture(step, grads_of):
+    """step() captured after two eager warm-up runs on a side stream; returns (graph, its output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for t in grads_of:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in grads_of:
+        t.grad = None  # the captured backward allocates them from the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _replay_then_eager(graph, out, step, grads_of):
+    """(replayed output and grads, eager output and grads) on the data now in the static inputs."""
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [out.detach().clone()] + [t.grad.clone() for t in grads_of]
+    for t in grads_of:
+        t.grad = None
+    eager_out = step()
+    eager = [eager_out.detach().clone()] + [t.grad.clone() for t in grads_of]
+    return replayed, eager
+
+
+def _assert_same(replayed, eager, what):
+    for i, (r, e) in enumerate(zip(replayed, eager)):
+        torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"{what} output {i}: {m}")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snell_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name, dtype):
+    _need("snell.layer_forward", backend_name)
+    backend.set_backend(backend_name)
+    layer = pysnell.SNELLLinear(nn.Linear(96, 80).to(dtype), r=8, sparsity=0.9).cuda()  # fp32 factors
+    with torch.no_grad():
+        layer.snell_A.normal_(0, 0.3)
+        layer.snell_B.normal_(0, 0.3)
+    x = torch.randn(50, 96, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(50, 80, device="cuda", dtype=dtype)
+    grads_of = [x, layer.snell_A, layer.snell_B]
+
+    def step():
+        y = layer(x)
+        y.backward(dy)
+        return y
+
+    graph, out = _capture(step, grads_of)
+    with torch.no_grad():  # the next batch, and an optimizer step on the factors
+        x.copy_(torch.randn_like(x))
+        dy.copy_(torch.randn_like(dy))
+        layer.snell_A.add_(torch.randn_like(layer.snell_A), alpha=0.1)
+        layer.snell_B.add_(torch.randn_like(layer.snell_B), alpha=0.1)
+    replayed, eager = _replay_then_eager(graph, out, step, grads_of)
+    _assert_same(replayed, eager, f"SNELLLinear {backend_name} {dtype}")
+    assert _backend.last_backend("snell.layer_forward") == backend_name
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_monarch_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name):
+    _need("monarch.forward", backend_name)
+    backend.set_backend(backend_name)
+    layer = pysnell.MonarchLinear(96, 80, nblocks=4).cuda()
+    x = torch.randn(70, 96, device="cuda", requires_grad=True)
+    dy = torch.randn(70, 80, device="cuda")
+    grads_of = [x, *layer.parameters()]
+
+    def step():
+        y = layer(x)
+        y.backward(dy)
+        return y
+
+    graph, out = _capture(step, grads_of)
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        dy.copy_(torch.randn_like(dy))
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    replayed, eager = _replay_then_eager(graph, out, step, grads_of)
+    _assert_same(replayed, eager, f"MonarchLinear {backend_name}")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("numel", [300 * 1000, 4096 * 1024])  # full-row rounds; the sampled path
+def test_topk_mask_replays_in_a_cuda_graph(seed, backend, backend_name, numel):
+    _need("topk.mask_", backend_name)
+    backend.set_backend(backend_name)
+    src = torch.randn(numel, device="cuda")
+    work = torch.empty_like(src)
+
+    def step():
+        work.copy_(src)
+        _, t = pysnell.topk_mask_(work, sparsity=0.9)
+        return torch.cat([work, t.reshape(1)])
+
+    graph, out = _capture(step, [])
+    src.copy_(torch.randn_like(src) * 3)
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    eager = step()
+    assert torch.equal(replayed, eager)  # exact selection: bit for bit
