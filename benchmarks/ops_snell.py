@@ -17,7 +17,11 @@ Providers (one group per case and dtype, baseline "full_ft"; every one is our ow
   (the two order statistics of the quantile rule, interpolated), eager and torch.compile'd (the
   compiled one only at the two target shapes in bf16: compiling takes tens of seconds);
 - pysnell_<backend>: pysnell.functional.snell_linear (fused W0 + S, the sparsity a float64
-  device buffer as in SNELLLinear) with each backend that has "snell.layer_forward" here.
+  device buffer as in SNELLLinear) with each backend that has "snell.layer_forward" here;
+- full_ft_graph, pysnell_<backend>_graph (GPU, bf16, r = 8): the same fwd+bwd captured once into a
+  CUDA graph and timed as graph replays: the GPU's time alone, with no host cost (what
+  torch.cuda.graph or torch.compile(mode="reduce-overhead") leaves). Their output and gradients
+  are checked after a replay; peak memory is the eager row's (NaN here).
 Every provider's output and its trainable gradients are checked once against an fp32 oracle
 (pysnell's torch backend, or plain formulas for full FT / LoRA) before it is timed (row field
 "check"); a failed check is an error row, never timed. GPU rows of pysnell_triton also record how
@@ -186,7 +190,6 @@ def _lora_provider(case):
 
 def _check(name, case, forward, leaves, oracle, backend) -> str:
     """One forward + backward against the fp32 oracle: "ok: ..." or the reason it failed."""
-    tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
     for t in leaves:
         t.grad = None
     with harness.forced_backend(backend):
@@ -196,6 +199,15 @@ def _check(name, case, forward, leaves, oracle, backend) -> str:
             ran = (_backend.last_backend("snell.layer_forward"), _backend.last_backend("snell.layer_backward"))
             if ran != (backend, backend):
                 return f"backend {backend} requested, {ran} ran"
+    verdict = _judge(name, case, y, leaves, oracle)
+    for t in leaves:
+        t.grad = None
+    return verdict
+
+
+def _judge(name, case, y, leaves, oracle) -> str:
+    """y and the leaves' gradients against the fp32 oracle: "ok: ..." or the reason they fail."""
+    tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
     if name == "full_ft":
         W, b = leaves[1], leaves[2]
         want = [F.linear(case.x.detach().float(), W.detach().float(), b.detach().float()),
@@ -212,8 +224,6 @@ def _check(name, case, forward, leaves, oracle, backend) -> str:
         want = [y_o, dx_o, dA_o, dB_o]
         got = [y, case.x.grad, case.A.grad, case.B.grad]
     errs = [harness.rel_rmse(g, w) for g, w in zip(got, want)]
-    for t in leaves:
-        t.grad = None
     if name == "pysnell_torch" and case.dtype == torch.float32:
         return "ok: is the oracle (pysnell's torch backend in fp32), not checked against itself"
     labels = ("y", "dx", "dA", "dB")
@@ -258,7 +268,36 @@ def _providers(case, full, cuda, compiled_only):
     for backend in ("torch", "triton", "cuda"):
         if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
             out.append((f"pysnell_{backend}", lambda b=backend: _pysnell_provider(case, b)))
+    if full and cuda and case.dtype == torch.bfloat16 and case.r == 8:
+        # the same steps replayed from a CUDA graph: GPU time alone, no host cost
+        out.append(("full_ft" + GRAPH, lambda: _full_ft_provider(case)))
+        for backend in ("triton", "cuda"):
+            if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
+                out.append((f"pysnell_{backend}{GRAPH}", lambda b=backend: _pysnell_provider(case, b)))
     return out
+
+
+GRAPH = "_graph"
+
+
+def _graphed(step, leaves):
+    """step() captured into a CUDA graph after eager warm-up on a side stream; returns its replay.
+    The captured backward allocates the leaves' gradients from the graph's pool, and each replay
+    rewrites them there."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    return graph, y
 
 
 def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
@@ -277,10 +316,12 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
             )
             rows[-1].update(extra)
             continue
-        backend = name[len("pysnell_") :] if name.startswith("pysnell_") else None
+        graphed = name.endswith(GRAPH)
+        eager_name = name.removesuffix(GRAPH)
+        backend = eager_name[len("pysnell_") :] if eager_name.startswith("pysnell_") else None
         try:
             forward, leaves = make()
-            check = _check(name, case, forward, leaves, oracle, backend)
+            check = _check(eager_name, case, forward, leaves, oracle, backend)
             if not check.startswith("ok"):
                 rows.append(harness.error_row(f"check failed: {check}", provider=name, **ident))
                 rows[-1].update(extra)
@@ -288,11 +329,27 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
 
             def step(forward=forward, backend=backend):
                 with harness.forced_backend(backend):
-                    forward().backward(case.dy)
+                    y = forward()
+                    y.backward(case.dy)
+                    return y
 
-            row = harness.measure(
-                step, provider=name, warmup=warmup, reps=reps, grad_to_none=leaves, check=check, **ident, **extra
-            )
+            if graphed:
+                graph, y = _graphed(step, leaves)
+                graph.replay()
+                check = _judge(eager_name, case, y, leaves, oracle)  # what the replay computed
+                if not check.startswith("ok"):
+                    rows.append(harness.error_row(f"replay check failed: {check}", provider=name, **ident))
+                    rows[-1].update(extra)
+                    continue
+                row = harness.measure(
+                    graph.replay, provider=name, warmup=warmup, reps=reps, check=check, **ident, **extra
+                )
+                row["peak_mib"] = float("nan")  # allocated once, at capture: the eager row's peak applies
+                del graph, y
+            else:
+                row = harness.measure(
+                    step, provider=name, warmup=warmup, reps=reps, grad_to_none=leaves, check=check, **ident, **extra
+                )
             if cuda and name == "pysnell_triton":
                 with harness.forced_backend(backend):
                     fwd_k, fwd_m = _count_launches(forward, device)
