@@ -58,8 +58,12 @@ def _replay_then_eager(graph, out, step, grads_of):
 
 
 def _assert_same(replayed, eager, what):
+    # The same kernels in the same order: equal up to summation-order noise where a backend uses
+    # atomics. fp32 (the factor gradients, and everything in the fp32 cases) is held tight: a stale
+    # threshold changes the kept set and moves them far more; 16-bit tensors get their own rounding.
     for i, (r, e) in enumerate(zip(replayed, eager)):
-        torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"{what} output {i}: {m}")
+        tol = {"rtol": 1e-5, "atol": 1e-6} if r.dtype == torch.float32 else {}
+        torch.testing.assert_close(r, e, **tol, msg=lambda m, i=i: f"{what} output {i}: {m}")
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
