@@ -115,9 +115,11 @@ def test_torch_backend_builds_no_tensor_from_host_data(seed, backend):
     delta = torch.randn(18, 24, device=DEVICE, requires_grad=True)
     steps = {
         "SNELLLinear": lambda: layer(x).sum().backward(),
-        "snell_linear, float sparsity": lambda: pysnell.snell_linear(
-            x, layer.base.weight, None, layer.snell_A, layer.snell_B, sparsity=0.75
-        ).sum().backward(),
+        "snell_linear, float sparsity": lambda: (
+            pysnell.snell_linear(x, layer.base.weight, None, layer.snell_A, layer.snell_B, sparsity=0.75)
+            .sum()
+            .backward()
+        ),
         "MonarchLinear": lambda: monarch(x).sum().backward(),
         "topk_mask_": lambda: pysnell.topk_mask_(x.detach().clone(), sparsity=0.9),
         "topk_mask (packed mask saved)": lambda: pysnell.topk_mask(x, sparsity=0.9)[0].sum().backward(),
