@@ -99,6 +99,25 @@ def time_fn(fn, *, device: str, warmup: int = 5, reps: int = 20, flush_l2: bool 
     return _quantiles(times)
 
 
+def cuda_graph(step, grads_of=()):
+    """step() captured into a CUDA graph after two eager warm-up runs on a side stream (compiles,
+    caches and the CUDA build happen there); returns (graph, step's output inside the graph). A
+    captured backward allocates the gradients of `grads_of` from the graph's pool, and every replay
+    rewrites them there."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _clear_grads(grads_of)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    _clear_grads(grads_of)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def peak_mib(fn, *, device: str, absolute: bool = False, grad_to_none=None) -> float:
     """Peak device memory of one fn() call (MiB); NaN on CPU (not measured there).
 

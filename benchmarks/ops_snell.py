@@ -280,26 +280,6 @@ def _providers(case, full, cuda, compiled_only):
 GRAPH = "_graph"
 
 
-def _graphed(step, leaves):
-    """step() captured into a CUDA graph after eager warm-up on a side stream; returns its replay.
-    The captured backward allocates the leaves' gradients from the graph's pool, and each replay
-    rewrites them there."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            for t in leaves:
-                t.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    for t in leaves:
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
-    return graph, y
-
-
 def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
     cuda = torch.device(device).type == "cuda"
     case = _Case(T, n, m, r, dtype, device)
@@ -334,7 +314,7 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
                     return y
 
             if graphed:
-                graph, y = _graphed(step, leaves)
+                graph, y = harness.cuda_graph(step, leaves)
                 graph.replay()
                 check = _judge(eager_name, case, y, leaves, oracle)  # what the replay computed
                 if not check.startswith("ok"):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import pysnell
+from benchmarks.harness import cuda_graph
 from pysnell import _backend
 
 pytestmark = pytest.mark.gpu
@@ -25,24 +26,6 @@ BACKENDS = ("torch", "triton", "cuda")
 def _need(op: str, backend_name: str) -> None:
     if not _backend.available(op, backend_name, torch.device("cuda")):
         pytest.skip(f"no {backend_name} kernel for {op} here")
-
-
-def _capture(step, grads_of):
-    """step() captured after two eager warm-up runs on a side stream; returns (graph, its output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            for t in grads_of:
-                t.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    for t in grads_of:
-        t.grad = None  # the captured backward allocates them from the graph's pool
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
 
 
 def _replay_then_eager(graph, out, step, grads_of):
@@ -84,7 +67,7 @@ def test_snell_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name, d
         y.backward(dy)
         return y
 
-    graph, out = _capture(step, grads_of)
+    graph, out = cuda_graph(step, grads_of)
     with torch.no_grad():  # the next batch, and an optimizer step on the factors
         x.copy_(torch.randn_like(x))
         dy.copy_(torch.randn_like(dy))
@@ -109,7 +92,7 @@ def test_monarch_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name)
         y.backward(dy)
         return y
 
-    graph, out = _capture(step, grads_of)
+    graph, out = cuda_graph(step, grads_of)
     with torch.no_grad():
         x.copy_(torch.randn_like(x))
         dy.copy_(torch.randn_like(dy))
@@ -132,7 +115,7 @@ def test_topk_mask_replays_in_a_cuda_graph(seed, backend, backend_name, numel):
         _, t = pysnell.topk_mask_(work, sparsity=0.9)
         return torch.cat([work, t.reshape(1)])
 
-    graph, out = _capture(step, [])
+    graph, out = cuda_graph(step)
     src.copy_(torch.randn_like(src) * 3)
     graph.replay()
     torch.cuda.synchronize()
