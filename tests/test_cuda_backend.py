@@ -531,6 +531,27 @@ def test_topk_threshold_per_group_and_device_sparsity(cuda_ops, seed, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("value", [float("nan"), -0.5, 1.5, float("inf")])
+def test_unchecked_device_sparsity_follows_the_reference(cuda_ops, seed, value):
+    # A GPU sparsity buffer is never read on the host, so nothing validates it: the selection must
+    # still be the reference's (position nan_to_num'd, then clamped), in top-k and in the SNELL layer.
+    from pysnell.ops.topk.function import select_threshold
+
+    s = torch.tensor(value, device=DEV, dtype=torch.float64)
+    x2d = torch.randn(5, 3001, device=DEV)
+    want = topk_ref.quantile_threshold(topk_ref.magnitude_keys(x2d), s)
+    assert torch.equal(select_threshold(x2d, s), want) and pysnell.last_backend("topk.threshold") == "cuda"
+    m, n, r, pieces, groups, T = 150, 97, 8, 2, 3, 33
+    A, B, _, kp = _snell_inputs(m, n, r, pieces, "piecewise", groups=groups)
+    kp, A, B = _detached(kp), A.detach(), B.detach()
+    spec = snell_ref.SnellSpec("piecewise", pieces, "reference", groups)
+    delta = _impl("snell.merge", "cuda")(A, B, kp, spec)
+    _, t = _impl("snell.layer_forward", "cuda")(torch.randn(T, n, device=DEV), None, None, A, B, kp, spec, s)
+    t_want = topk_ref.quantile_threshold(topk_ref.magnitude_keys(delta.reshape(groups, -1)), s)
+    assert torch.equal(t, t_want), (t, t_want)
+
+
+@pytest.mark.gpu
 def test_topk_gradient_is_the_mask(cuda_ops, seed):
     x = torch.randn(333, 77, device=DEV, requires_grad=True)
     y, _ = pysnell.topk_mask(x, sparsity=0.8)

@@ -202,6 +202,30 @@ def test_layer_matches_torch_backend(seed, kernel, mode, groups, m, r, target, k
         _as_accurate(got, [want, want2], want64, name)
 
 
+@pytest.mark.parametrize("value", [float("nan"), -0.5, 1.5, float("inf")])
+def test_unchecked_device_sparsity_follows_the_torch_backend(seed, value):
+    # A GPU sparsity buffer is never read on the host, so nothing validates it: whatever it holds,
+    # the selection must be the reference's (position nan_to_num'd, then clamped to the ranks).
+    # The threshold lands on each group's smallest or largest |ΔW|: all but that entry, or nothing, is kept.
+    kernel, mode, groups, m, n, r, T = "piecewise", "reference", 3, 27, 19, 8, 7
+    s = torch.tensor(value, dtype=torch.float64)
+    A, B = _factors(r, n, m, groups, 2, "cpu")
+    params = _params(kernel, r, 2, n, "cpu")
+    spec = SnellSpec(kernel, 2, mode, groups)
+    x, dy = torch.randn(T, n), torch.randn(T, m)
+    W, bias = torch.randn(m, n) / math.sqrt(n), torch.randn(m)
+    y_ref, t_ref = fn._torch_layer_forward(x, W, bias, A, B, params, spec, s)
+    y, t = ts.layer_forward(x, W, bias, A, B, params, spec, s)
+    scale = ref.merge(A, B, params, spec).abs().reshape(groups, -1).max(dim=1).values
+    assert ((t - t_ref).abs() <= 1e-5 * t_ref.abs() + 1e-6 * scale).all(), (t, t_ref)
+    _close(y, y_ref, 1e-5, "y")
+    needs = (True,) * 9
+    g_ref = fn._torch_layer_backward(dy, x, W, A, B, params, spec, s, t_ref, needs)
+    g = ts.layer_backward(dy, x, W, A, B, params, spec, s, t, needs)
+    for name, got, want in zip(("dx", "dweight", "dbias", "dA", "dB"), g, g_ref):
+        _close(got, want, 1e-4, name)
+
+
 def test_several_programs_per_kernel(seed, monkeypatch):
     """16-wide tiles: several programs per pass, so the last-program finalisation and the split
     partial reductions run across programs (and across groups)."""

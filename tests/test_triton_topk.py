@@ -285,6 +285,20 @@ def test_non_contiguous_input_is_masked_in_place(seed, triton_backend):
     assert out is x and torch.equal(x, want) and torch.equal(base, want.t())
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("value", [float("nan"), -0.5, 1.5, float("inf"), float("-inf")])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_unchecked_device_sparsity_follows_the_reference(seed, monkeypatch, triton_backend, value, sampled):
+    # A GPU sparsity buffer is never read on the host (no sync), so nothing validates it: whatever it
+    # holds, the kernels must pick what the reference picks (position nan_to_num'd, then clamped).
+    if sampled:
+        _config(monkeypatch, **SMALL)
+    s = torch.tensor(value, dtype=torch.float64)
+    x = torch.randn(3, 700)
+    assert torch.equal(tk.topk_threshold(x, s), ref.quantile_threshold(ref.magnitude_keys(x), s))
+    _check_mask(torch.randn(1200), sparsity=s)
+
+
 @cpu_only
 def test_threshold_rejects_a_non_matrix(triton_backend):
     with pytest.raises(ValueError, match="x2d must be 2-D"):

@@ -182,8 +182,11 @@ def _sparsity(s_ptr, s_bits, s_is_ptr):
 def _target_ranks(n, k, s_ptr, s_bits, mode, s_is_ptr):
     """(lo, hi, weight): ranks (ascending, from 0) of the order statistics and the lerp weight."""
     n64 = tl.cast(n, tl.int64)
-    # reference.quantile_positions: pos = s * (N - 1) in float64
-    pos = _sparsity(s_ptr, s_bits, s_is_ptr) * (n64 - 1).to(tl.float64)
+    # reference.quantile_positions: pos = s * (N - 1) in float64; an unchecked device sparsity (NaN,
+    # outside [0, 1)) gives nan_to_num(pos, 0) clamped to [0, N-1], before floor, ceil and the weight
+    last_f = (n64 - 1).to(tl.float64)
+    pos = _sparsity(s_ptr, s_bits, s_is_ptr) * last_f
+    pos = tl.minimum(tl.where(pos >= 0.0, pos, 0.0), last_f)
     lo_f = tl.floor(pos)
     quantile = tl.cast(mode, tl.int32) == QUANTILE
     r_k = n64 - tl.cast(k, tl.int64)  # k-mode: the k-th largest
