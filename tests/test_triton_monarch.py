@@ -257,6 +257,35 @@ def test_store_plan():
         tm.set_store("gather")
 
 
+def test_split_gemm_tiles_follow_the_token_count():
+    # 16-bit: 128-row tiles once there are enough tokens, the tiles measured on the H200 at T = 8192
+    # (256 or 128 columns, 8 warps); fewer tokens shrink the token tile, then the columns until the
+    # grid has a program per SM (132 here)
+    bf16 = torch.bfloat16
+    assert tm._gpu_gemm_tiles(8192, 4, 1024, bf16, 132) == (128, 64, 256, 8, 3)
+    assert tm._gpu_gemm_tiles(8192, 4, 192, bf16, 132) == (128, 64, 128, 8, 3)
+    assert tm._gpu_gemm_tiles(512, 4, 1024, bf16, 132) == (128, 64, 64, 8, 3)  # 256 programs
+    assert tm._gpu_gemm_tiles(64, 4, 1024, bf16, 132) == (64, 64, 64, 4, 3)
+    assert tm._gpu_gemm_tiles(1, 4, 1024, bf16, 132) == (16, 64, 64, 4, 3)  # 64 programs, not 16
+    assert tm._gpu_gemm_tiles(1, 4, 1024, torch.float32, 132) == (64, 32, 128, 4, 3)
+    for T in (1, 16, 17, 64, 65, 512, 8192):
+        BT, _, BJ, _, _ = tm._gpu_gemm_tiles(T, 4, 1024, torch.float16, 132)
+        assert BT >= min(T, 16) and (BT == 16 or BT >= min(T, 64)) and BJ >= 64
+
+
+@pytest.mark.parametrize("T", [1, 16, 40, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_gemms_with_the_gpus_tiles(seed, monkeypatch, triton_backend, T, dtype):
+    # the tiles a GPU picks for T tokens (16-bit rules for both dtypes: the interpreter computes in
+    # fp32 anyway), run by the interpreter: token and column tiles wider than the data stay masked
+    def gpu_tiles(T_, NB, J, dtype_, device):
+        return tm._gpu_gemm_tiles(T_, NB, J, torch.float16, 132)
+
+    monkeypatch.setattr(tm, "_gemm_tiles", gpu_tiles)
+    with tm.use_path("split"):
+        _check_layer(triton_backend, LAYERS["in>out"], dtype, T=T)
+
+
 def test_weight_gradients_are_deterministic(seed):
     w1_shape, w2_shape = monarch_shapes(32, 32, 2)
     x, dy = torch.randn(70, 32, device=DEVICE), torch.randn(70, 32, device=DEVICE)  # 3 token tiles, 2 splits
@@ -321,16 +350,17 @@ _AOT = textwrap.dedent(
     import pysnell.triton_kernels.monarch as tm
     from pysnell.ops.monarch.function import _torch_forward, monarch_shapes
     report = []
-    for sizes, path in json.loads(sys.argv[1]):
+    for sizes, path, T in json.loads(sys.argv[1]):
         w1s, w2s = monarch_shapes(*sizes)
         e = lambda *shape: torch.empty(shape, dtype=torch.bfloat16)
-        x, dy, b = e(256, sizes[0]), e(256, sizes[1]), e(sizes[1])
+        x, dy, b = e(T, sizes[0]), e(T, sizes[1]), e(sizes[1])
         with compile_only() as calls, tm.use_path(path):
             tm.monarch_forward(x, e(*w1s), e(*w2s), b, sizes[1])
             tm.monarch_backward(dy, x, e(*w1s), e(*w2s), (True, True, True))
-        for fn, _, _, _, k in calls:
+        for fn, _, _, kw, k in calls:
             report.append(dict(sizes=sizes, path=path, kernel=fn.fn.__name__, **resource_usage(k),
-                               smem=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"]))
+                               smem=k.metadata.shared, wgmma="wgmma" in k.asm["ptx"],
+                               mma_sync="mma.sync" in k.asm["ptx"], BT=kw.get("BT")))
     print(json.dumps(report))
     """
 )
@@ -344,7 +374,16 @@ def test_kernels_compile_for_sm90_without_spills():
         pytest.skip("this Triton has no NVIDIA backend tools")
     # every kernel once, and the global-index maps of q % l != 0 (1000/4: q = 250, l = 4)
     # and l = 8 (the row permutations' layouts change with the block count)
-    jobs = [((1024, 1024, 4), "auto"), ((768, 3072, 4), "split"), ((1000, 1000, 4), "auto"), ((768, 3072, 8), "auto")]
+    # (tokens pick the split GEMMs' tiles: 16 rows (mma.sync) at 16, 64 at 64, 128×64 at 256, 128×256 at 8192)
+    jobs = [
+        ((1024, 1024, 4), "auto", 256),
+        ((768, 3072, 4), "split", 256),
+        ((1000, 1000, 4), "auto", 256),
+        ((768, 3072, 8), "auto", 256),
+        ((1024, 1024, 4), "split", 16),
+        ((1024, 1024, 4), "split", 64),
+        ((1024, 1024, 4), "split", 8192),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-c", _AOT, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=300
@@ -364,7 +403,12 @@ def test_kernels_compile_for_sm90_without_spills():
         assert r["stack"] == 0, f"register spills: {r}"
         assert r["smem"] <= 227 * 1024, f"more shared memory than an H100 block has: {r}"
         copies = ("_deinterleave_kernel", "_interleave_kernel")
-        assert r["wgmma"] or r["kernel"] in copies, f"no Hopper tensor-core MMA: {r}"
+        if r["kernel"] == "_gemm_kernel" and r["BT"] == 16:  # below wgmma's 64 rows: mma.sync
+            assert r["mma_sync"], f"no tensor-core MMA: {r}"
+        else:
+            assert r["wgmma"] or r["kernel"] in copies, f"no Hopper tensor-core MMA: {r}"
+    gemm_tiles = {r["BT"] for r in report if r["kernel"] == "_gemm_kernel"}
+    assert gemm_tiles == {16, 64, 128}, gemm_tiles
 
 
 # -------------------------------------------------------------------------------------------
@@ -373,7 +417,7 @@ def test_kernels_compile_for_sm90_without_spills():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [8192, 16, 1])
+@pytest.mark.parametrize("T", [8192, 512, 64, 16, 1])  # every split-GEMM tile (see _gpu_gemm_tiles)
 @pytest.mark.parametrize("sizes", BENCH_CASES, ids=lambda s: f"{s[0]}x{s[1]}-nb{s[2]}")
 def test_gpu_bf16_benchmark_shapes(seed, triton_backend, sizes, T):
     if T < 8192 and sizes != (4096, 4096, 4):
