@@ -44,9 +44,10 @@ def _triton_state(torch) -> dict:
     if error is not None:
         state["error"] = error
     else:  # a family whose module failed to load leaves its ops to the other backends
-        from .triton_kernels import FAMILY_ERRORS
+        from .triton_kernels import FAMILY_ERRORS, _host
 
         state["family_errors"] = dict(FAMILY_ERRORS)
+        state["relaunch"] = _host.relaunch_state()
     state["ops"] = sorted(op for op, impls in _backend._registry.items() if "triton" in impls)
     if torch.cuda.is_available():
         state["usable"] = error is None
@@ -169,6 +170,8 @@ def format_report(r: dict) -> str:
             f"interpreter mode: {'on' if t['interpreter'] else 'off'}, usable: {_yes(t.get('usable'))} ({t['where']})"
         )
         lines.append(f"         ops: {', '.join(t.get('ops', [])) or 'none'}")
+        if t.get("relaunch"):
+            lines.append(f"         repeated launches replayed (top-k rounds): {t['relaunch']}")
         if t.get("error"):
             lines.append(f"         error: {t['error']}")
         for family, reason in t.get("family_errors", {}).items():

@@ -323,6 +323,13 @@ def test_env_report(capsys):
     text = env.format_report(report)
     for needed in ("torch", "triton", "cuda", "nvcc", "JIT cache", "auto order on CUDA tensors"):
         assert needed in text
+    triton = report["backends"]["triton"]
+    if triton.get("kernels_loaded"):  # whether top-k's repeated rounds skip Triton's launch path
+        from pysnell.triton_kernels import _host
+
+        assert triton["relaunch"] == _host.relaunch_state() and "repeated launches replayed" in text
+        with _host.use_relaunch(False):
+            assert _host.relaunch_state().startswith("off")
 
 
 def test_env_report_lists_every_variable_pysnell_reads():

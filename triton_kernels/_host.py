@@ -100,6 +100,15 @@ def use_relaunch(on: bool):
         _relaunch["on"] = before
 
 
+def relaunch_state() -> str:
+    """One line for `python -m pysnell.env`: whether repeated launches skip Triton's launch path."""
+    if not _relaunch["supported"]:
+        return f"off (written for Triton {', '.join(RELAUNCH_TRITON)}, this is {triton.__version__})"
+    if not _relaunch["on"]:
+        return f"off ({RELAUNCH_ENV}=0 or set_relaunch(False))"
+    return "on (GPU launches)" if not INTERPRETED else "on, unused under the interpreter"
+
+
 def relaunch_enabled() -> bool:
     return _relaunch["on"] and _relaunch["supported"] and not _relaunch["suspended"] and not INTERPRETED
 
