@@ -25,6 +25,8 @@ the last):
 The number of launches is fixed (rounds that are not needed exit at once); the round and
 compaction kernels are persistent (about 2 programs per SM, grid-stride `while` loops). Each launch
 stamps the state it writes, so a program that starts late never acts on its own launch's output.
+The rounds differ only in that stamp: after the first, they replay its compiled kernel
+(_host.Relaunch) instead of paying Triton's Python launch path again.
 
 Extra device memory: a 2.3 KiB state block per row, the candidate buffer (numel/8 bytes, shared
 with the packed mask when one is asked for; a buffer of <= 480 KiB of its own when that is larger),
