@@ -262,14 +262,16 @@ def test_split_gemm_tiles_follow_the_token_count():
     # (256 or 128 columns, 8 warps); fewer tokens shrink the token tile, then the columns until the
     # grid has a program per SM (132 here)
     bf16 = torch.bfloat16
-    assert tm._gpu_gemm_tiles(8192, 4, 1024, bf16, 132) == (128, 64, 256, 8, 3)
-    assert tm._gpu_gemm_tiles(8192, 4, 192, bf16, 132) == (128, 64, 128, 8, 3)
-    assert tm._gpu_gemm_tiles(512, 4, 1024, bf16, 132) == (128, 64, 64, 8, 3)  # 256 programs
-    assert tm._gpu_gemm_tiles(64, 4, 1024, bf16, 132) == (64, 64, 64, 4, 3)
-    assert tm._gpu_gemm_tiles(1, 4, 1024, bf16, 132) == (16, 64, 64, 4, 3)  # 64 programs, not 16
-    assert tm._gpu_gemm_tiles(1, 4, 1024, torch.float32, 132) == (64, 32, 128, 4, 3)
+    assert tm._gpu_gemm_tiles(8192, 4, 1024, 1024, bf16, 132) == (128, 64, 256, 8, 3)
+    assert tm._gpu_gemm_tiles(8192, 4, 192, 192, bf16, 132) == (128, 64, 128, 8, 3)
+    # blocks that are not a multiple of 8 elements load element by element: 256 columns spilled
+    assert tm._gpu_gemm_tiles(8192, 3, 342, 342, bf16, 132) == (128, 64, 128, 8, 3)
+    assert tm._gpu_gemm_tiles(512, 4, 1024, 1024, bf16, 132) == (128, 64, 64, 8, 3)  # 256 programs
+    assert tm._gpu_gemm_tiles(64, 4, 1024, 1024, bf16, 132) == (64, 64, 64, 4, 3)
+    assert tm._gpu_gemm_tiles(1, 4, 1024, 1024, bf16, 132) == (16, 64, 64, 4, 3)  # 64 programs, not 16
+    assert tm._gpu_gemm_tiles(1, 4, 1024, 1024, torch.float32, 132) == (64, 32, 128, 4, 3)
     for T in (1, 16, 17, 64, 65, 512, 8192):
-        BT, _, BJ, _, _ = tm._gpu_gemm_tiles(T, 4, 1024, torch.float16, 132)
+        BT, _, BJ, _, _ = tm._gpu_gemm_tiles(T, 4, 1024, 1024, torch.float16, 132)
         assert BT >= min(T, 16) and (BT == 16 or BT >= min(T, 64)) and BJ >= 64
 
 
@@ -278,8 +280,8 @@ def test_split_gemm_tiles_follow_the_token_count():
 def test_split_gemms_with_the_gpus_tiles(seed, monkeypatch, triton_backend, T, dtype):
     # the tiles a GPU picks for T tokens (16-bit rules for both dtypes: the interpreter computes in
     # fp32 anyway), run by the interpreter: token and column tiles wider than the data stay masked
-    def gpu_tiles(T_, NB, J, dtype_, device):
-        return tm._gpu_gemm_tiles(T_, NB, J, torch.float16, 132)
+    def gpu_tiles(T_, NB, K, J, dtype_, device):
+        return tm._gpu_gemm_tiles(T_, NB, K, J, torch.float16, 132)
 
     monkeypatch.setattr(tm, "_gemm_tiles", gpu_tiles)
     with tm.use_path("split"):
@@ -374,7 +376,8 @@ def test_kernels_compile_for_sm90_without_spills():
         pytest.skip("this Triton has no NVIDIA backend tools")
     # every kernel once, and the global-index maps of q % l != 0 (1000/4: q = 250, l = 4)
     # and l = 8 (the row permutations' layouts change with the block count)
-    # (tokens pick the split GEMMs' tiles: 16 rows (mma.sync) at 16, 64 at 64, 128×64 at 256, 128×256 at 8192)
+    # (tokens pick the split GEMMs' tiles: 16 rows (mma.sync) at 16, 64 at 64, 128×64 at 256, 128×256 at
+    # 8192, 128×128 there for blocks that are not a multiple of 8)
     jobs = [
         ((1024, 1024, 4), "auto", 256),
         ((768, 3072, 4), "split", 256),
@@ -383,6 +386,7 @@ def test_kernels_compile_for_sm90_without_spills():
         ((1024, 1024, 4), "split", 16),
         ((1024, 1024, 4), "split", 64),
         ((1024, 1024, 4), "split", 8192),
+        ((1024, 1024, 3), "split", 8192),  # 342-element blocks: loads element by element
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

@@ -704,24 +704,26 @@ def _two_stage_tiles(U, V, J, dtype, wgrad: bool):
 _DEFAULT_SMS = 132
 
 
-def _gemm_tiles(T, NB, J, dtype, device):
+def _gemm_tiles(T, NB, K, J, dtype, device):
     """(BT, BK, BJ, warps, stages) of the split GEMMs.
 
     16-bit: 128×256 output tiles when there are enough of them; with few tokens the token tile
     shrinks to the tokens (a 1-token step with 128-row tiles issues 128× the MMA work it needs; 16
     rows run mma.sync, 64 and 128 wgmma), and the output tile narrows (256 → 64 columns) until the
-    grid has a program per SM: at T = 16 a 4096-wide layer with 4 blocks had 16 programs.
+    grid has a program per SM: at T = 16 a 4096-wide layer with 4 blocks had 16 programs. Blocks
+    that are not a multiple of 8 elements (nblocks = 3 on 1024) load element by element, and 256
+    columns of such addresses spilled registers on sm_90 (48–544 B): they get 128.
     """
     if interpreting():
         return 32, 16, min(_pow2(J), 32), 4, 1
-    return _gpu_gemm_tiles(T, NB, J, dtype, sm_count(device) if device.type == "cuda" else _DEFAULT_SMS)
+    return _gpu_gemm_tiles(T, NB, K, J, dtype, sm_count(device) if device.type == "cuda" else _DEFAULT_SMS)
 
 
-def _gpu_gemm_tiles(T, NB, J, dtype, sms):
+def _gpu_gemm_tiles(T, NB, K, J, dtype, sms):
     if dtype == torch.float32:
         return 64, 32, min(_pow2(J), 128), 4, 3
     BT = 16 if T <= 16 else 64 if T <= 64 else 128
-    BJ = 256 if J >= 256 and BT == 128 else min(_pow2(J), 128)
+    BJ = 256 if J >= 256 and BT == 128 and K % 8 == 0 and J % 8 == 0 else min(_pow2(J), 128)
     while BJ > 64 and cdiv(T, BT) * NB * cdiv(J, BJ) < sms:
         BJ //= 2
     # 128-row tiles keep the 8 warps measured on the H200 (4 spill with the gathered index maps)
@@ -771,7 +773,7 @@ def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J
 
 def _run_gemm(inp, w, bias, out, n_in, n_out, *, maps, NB, K, J):
     T = inp.shape[0]
-    BT, BK, BJ, warps, stages = _gemm_tiles(T, NB, J, inp.dtype, inp.device)
+    BT, BK, BJ, warps, stages = _gemm_tiles(T, NB, K, J, inp.dtype, inp.device)
     grid = (cdiv(T, BT) * NB * cdiv(J, BJ),)
     _gemm_kernel[grid](
         inp,
