@@ -712,7 +712,7 @@ def _gemm_tiles(T, NB, K, J, dtype, device):
     rows run mma.sync, 64 and 128 wgmma), and the output tile narrows (256 → 64 columns) until the
     grid has a program per SM: at T = 16 a 4096-wide layer with 4 blocks had 16 programs. Blocks
     that are not a multiple of 8 elements (nblocks = 3 on 1024) load element by element, and 256
-    columns of such addresses spilled registers on sm_90 (48–544 B): they get 128.
+    columns of such addresses spilled registers on sm_90 (48–544 B): they get 128 (fp32: 64 of 128).
     """
     if interpreting():
         return 32, 16, min(_pow2(J), 32), 4, 1
@@ -720,10 +720,11 @@ def _gemm_tiles(T, NB, K, J, dtype, device):
 
 
 def _gpu_gemm_tiles(T, NB, K, J, dtype, sms):
+    aligned = K % 8 == 0 and J % 8 == 0  # else element-by-element loads: an address per element
     if dtype == torch.float32:
-        return 64, 32, min(_pow2(J), 128), 4, 3
+        return 64, 32, min(_pow2(J), 128 if aligned else 64), 4, 3
     BT = 16 if T <= 16 else 64 if T <= 64 else 128
-    BJ = 256 if J >= 256 and BT == 128 and K % 8 == 0 and J % 8 == 0 else min(_pow2(J), 128)
+    BJ = 256 if J >= 256 and BT == 128 and aligned else min(_pow2(J), 128)
     while BJ > 64 and cdiv(T, BT) * NB * cdiv(J, BJ) < sms:
         BJ //= 2
     # 128-row tiles keep the 8 warps measured on the H200 (4 spill with the gathered index maps)
@@ -732,11 +733,12 @@ def _gpu_gemm_tiles(T, NB, K, J, dtype, sms):
 
 def _wgrad_tiles(I, J, dtype, gathered=False):
     """gathered: the a operand's columns are a scattered index map (q % l != 0), loaded element by
-    element; 16-bit tiles half as wide keep its addresses in registers (sm_90 spills at 128)."""
+    element; tiles half as wide keep its addresses in registers (sm_90 spilled at 128: 16-bit I,
+    fp32 J)."""
     if interpreting():
         return 32, min(_pow2(I), 32), min(_pow2(J), 32), 4, 1
     if dtype == torch.float32:
-        return 32, min(_pow2(I), 64), min(_pow2(J), 128), 4, 3
+        return 32, min(_pow2(I), 64), min(_pow2(J), 64 if gathered else 128), 4, 3
     return 64, min(_pow2(I), 64 if gathered else 128), min(_pow2(J), 128), 8, 3
 
 
