@@ -270,6 +270,7 @@ def test_split_gemm_tiles_follow_the_token_count():
     assert tm._gpu_gemm_tiles(64, 4, 1024, 1024, bf16, 132) == (64, 64, 64, 4, 3)
     assert tm._gpu_gemm_tiles(1, 4, 1024, 1024, bf16, 132) == (16, 64, 64, 4, 3)  # 64 programs, not 16
     assert tm._gpu_gemm_tiles(1, 4, 1024, 1024, torch.float32, 132) == (64, 32, 128, 4, 3)
+    assert tm._gpu_gemm_tiles(8192, 3, 342, 342, torch.float32, 132) == (64, 32, 64, 4, 3)
     for T in (1, 16, 17, 64, 65, 512, 8192):
         BT, _, BJ, _, _ = tm._gpu_gemm_tiles(T, 4, 1024, 1024, torch.float16, 132)
         assert BT >= min(T, 16) and (BT == 16 or BT >= min(T, 64)) and BJ >= 64
