@@ -67,17 +67,24 @@ class FakeLaunchDriver(CompileOnlyDriver):
 
 
 @contextlib.contextmanager
+def _active_driver(replacement):
+    # the driver in use before (None until Triton first needs one; reset_active would create the
+    # default one, which fails without a GPU)
+    previous = getattr(driver, "_active", None)
+    driver.set_active(replacement)
+    try:
+        yield replacement
+    finally:
+        driver._active = previous
+
+
+@contextlib.contextmanager
 def fake_launches(arch: int = 90):
     """Yields the list of recorded launches: (grid x, y, z, stream, function, packed metadata,
     launch metadata, enter hook, exit hook, *every kernel parameter). Compiled kernels keep the fake
     launcher afterwards: use it in a process that never launches for real."""
-    previous = getattr(driver, "_active", None)
-    fake = FakeLaunchDriver(arch)
-    driver.set_active(fake)
-    try:
+    with _active_driver(FakeLaunchDriver(arch)) as fake:
         yield fake.launches
-    finally:
-        driver._active = previous
 
 
 @contextlib.contextmanager
@@ -91,17 +98,12 @@ def compile_only(arch: int = 90):
         calls.append((self, args, grid, kwargs, kernel))
         return kernel
 
-    # the driver in use before (None until Triton first needs one; reset_active would create the
-    # default one, which fails without a GPU)
-    previous = getattr(driver, "_active", None)
-    driver.set_active(CompileOnlyDriver(arch))
-    jit.JITFunction.run = capture
-    try:
-        with _host.relaunch_suspended():  # every launch through the capture above
+    with _active_driver(CompileOnlyDriver(arch)), _host.use_relaunch(False):  # every launch captured
+        jit.JITFunction.run = capture
+        try:
             yield calls
-    finally:
-        jit.JITFunction.run = run
-        driver._active = previous
+        finally:
+            jit.JITFunction.run = run
 
 
 def resource_usage(kernel) -> dict:

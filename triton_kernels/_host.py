@@ -78,7 +78,6 @@ RELAUNCH_ENV = "PYSNELL_TRITON_RELAUNCH"
 RELAUNCH_TRITON = ("3.6",)
 _relaunch = {
     "on": os.environ.get(RELAUNCH_ENV, "1").strip() != "0",
-    "suspended": 0,
     "supported": knobs is not None and ".".join(triton.__version__.split(".")[:2]) in RELAUNCH_TRITON,
 }
 
@@ -110,17 +109,7 @@ def relaunch_state() -> str:
 
 
 def relaunch_enabled() -> bool:
-    return _relaunch["on"] and _relaunch["supported"] and not _relaunch["suspended"] and not INTERPRETED
-
-
-@contextlib.contextmanager
-def relaunch_suspended():
-    """Every launch through JITFunction.run (the compile-only harness captures launches there)."""
-    _relaunch["suspended"] += 1
-    try:
-        yield
-    finally:
-        _relaunch["suspended"] -= 1
+    return _relaunch["on"] and _relaunch["supported"] and not INTERPRETED
 
 
 class Relaunch:
@@ -147,8 +136,9 @@ class Relaunch:
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid, *args, **kwargs):
+        replayable = relaunch_enabled() and not callable(grid)
         first = self._first
-        if first is not None and relaunch_enabled() and not callable(grid):
+        if replayable and first is not None:
             values = first.values_for(args, kwargs)
             if values is not None and first.specialises_alike(values):
                 device = driver.active.get_current_device()
@@ -163,7 +153,7 @@ class Relaunch:
                     self.replays += 1
                     return kernel
         compiled = self.kernel[grid](*args, **kwargs)
-        if first is None and relaunch_enabled() and not callable(grid):
+        if replayable and first is None:
             self._first = _FirstLaunch.of(self.kernel, args, kwargs, compiled)
         return compiled
 
