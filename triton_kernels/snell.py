@@ -224,9 +224,10 @@ def _quantile_ranks(sparsity_ptr, count):
     """torch.quantile's linear rule: (lo, hi, weight) for `count` values, pos computed in float64, and
     the sparsity clamped to [0, 1] (NaN: 0) for the pilot's bracket width."""
     last_f = (count - 1).to(tl.float64)
+    s = tl.load(sparsity_ptr).to(tl.float64)
     # reference.quantile_positions: an unchecked device sparsity (NaN, outside [0, 1)) gives the
     # position nan_to_num(·, 0) clamped to [0, N-1], before floor, ceil and the weight
-    pos = tl.load(sparsity_ptr).to(tl.float64) * last_f
+    pos = s * last_f
     pos = tl.minimum(tl.where(pos >= 0.0, pos, 0.0), last_f)
     lo_f = tl.floor(pos)
     hi_f = tl.ceil(pos)
@@ -234,7 +235,6 @@ def _quantile_ranks(sparsity_ptr, count):
     last = count - 1
     lo = tl.minimum(tl.maximum(lo_f.to(tl.int64), 0), last)
     hi = tl.minimum(tl.maximum(hi_f.to(tl.int64), 0), last)
-    s = tl.load(sparsity_ptr).to(tl.float64)
     return lo, hi, w, tl.where(s >= 0.0, tl.minimum(s, 1.0), 0.0)
 
 
