@@ -62,6 +62,7 @@ FULL_SHAPES = [
     (4096, 11008, 4096),
 ]
 TARGETS = {(12608, 768, 3072), (4096, 4096, 11008)}
+GRAPH = "_graph"  # suffix of the providers timed as CUDA graph replays
 QUICK_SHAPES = [(16, 24, 20), (9, 19, 27)]
 # Tolerances of the one-off checks (relative RMSE against the fp32 oracle): outputs, gradients.
 # fp32 gradients: with 16M+ entries adjacent order statistics of |ΔW| are ~1e-7 apart, so entries
@@ -275,9 +276,6 @@ def _providers(case, full, cuda, compiled_only):
             if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
                 out.append((f"pysnell_{backend}{GRAPH}", lambda b=backend: _pysnell_provider(case, b)))
     return out
-
-
-GRAPH = "_graph"
 
 
 def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
