@@ -164,9 +164,13 @@ def test_relaunch_passes_through_under_the_interpreter():
         def __getitem__(self, grid):
             return lambda *a, **k: calls.append((grid, a, k)) or "compiled"
 
-    r = _host.Relaunch(Kernel())
-    for i in range(3):
-        assert r[(2, 1)](i, BLOCK=4) == "compiled"
+    # the interpreter has no compiled kernel to replay: every launch is the kernel's own, even when on
+    with _host.use_relaunch(True):
+        assert _host.relaunch_enabled() is False
+        assert "unused under the interpreter" in _host.relaunch_state()
+        r = _host.Relaunch(Kernel())
+        for i in range(3):
+            assert r[(2, 1)](i, BLOCK=4) == "compiled"
     assert r.replays == 0 and calls == [((2, 1), (i,), {"BLOCK": 4}) for i in range(3)]
 
 
