@@ -99,6 +99,22 @@ def time_fn(fn, *, device: str, warmup: int = 5, reps: int = 20, flush_l2: bool 
     return _quantiles(times)
 
 
+def best_mean_us(fn, reps: int, *, warmup: int, rounds: int, before_round=None) -> float:
+    """The best, over `rounds` rounds of `reps` back-to-back calls, of the mean µs per fn() call
+    (host-side timings on the CPU: the best round is the least disturbed one)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        if before_round is not None:
+            before_round()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) * 1e6 / reps)
+    return best
+
+
 def cuda_graph(step, grads_of=()):
     """step() captured into a CUDA graph after two eager warm-up runs on a side stream (compiles,
     caches and the CUDA build happen there); returns (graph, step's output inside the graph). A

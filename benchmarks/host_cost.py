@@ -20,7 +20,6 @@ import argparse
 import collections
 import contextlib
 import os
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run the kernels
 
@@ -28,6 +27,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import pysnell  # noqa: E402
+
+from . import harness  # noqa: E402
 
 # aten ops that run no kernel on a GPU (metadata, allocation, autograd bookkeeping), by exact name
 _NO_KERNEL = frozenset({
@@ -127,15 +128,7 @@ def _count(step) -> tuple[dict, dict]:
 
 def _host_us(step, steps: int) -> float:
     with _triton_launches("stub", collections.Counter()):
-        for _ in range(20):
-            step()
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            best = min(best, (time.perf_counter() - t0) * 1e6 / steps)
-    return best
+        return harness.best_mean_us(step, steps, warmup=20, rounds=5)
 
 
 def main(argv=None) -> int:

@@ -88,6 +88,8 @@ def _time_calls(reps: int) -> None:
     from pysnell.triton_kernels import _host
     from pysnell.triton_kernels._aot import fake_launches
 
+    from . import harness
+
     print()
     print("Whole call: host Python up to the driver (launcher stubbed), this CPU, µs per call")
     print("| op | Triton launches | every launch through Triton's path | repeated launches replayed |")
@@ -103,15 +105,7 @@ def _time_calls(reps: int) -> None:
             best = {}
             for on in (False, True):
                 with _host.use_relaunch(on):
-                    for _ in range(10):
-                        fn()
-                    best[on] = float("inf")
-                    for _ in range(3):
-                        launches.clear()
-                        t0 = time.perf_counter()
-                        for _ in range(reps):
-                            fn()
-                        best[on] = min(best[on], (time.perf_counter() - t0) * 1e6 / reps)
+                    best[on] = harness.best_mean_us(fn, reps, warmup=10, rounds=3, before_round=launches.clear)
             print(f"| {label} | {n_launches} | {best[False]:.1f} | {best[True]:.1f} |")
 
 
