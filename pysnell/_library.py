@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _backend
 from .ops.snell.reference import KernelParams, SnellSpec
+from .ops.snell.reference import packed_width as ref_packed_width
 
 NAMESPACE = "pysnell"
 
@@ -305,6 +306,47 @@ def snell_layer_backward(dy2, x2, weight, A, B, params: KernelParams, spec: Snel
         needs,
     )
     return tuple(_absent_to_none(g, w) for g, w in zip(grads, needs))
+
+
+def _snell_dropout_pack_impl(keep: Tensor) -> Tensor:
+    _, impl = _backend.pick("snell.dropout_pack", keep.device)
+    bits = impl(keep)
+    shape = (keep.shape[0], ref_packed_width(keep.shape[1]))
+    return _conform(bits, shape, torch.uint8, keep.device, _storages((keep,)))
+
+
+_snell_dropout_pack = torch.library.custom_op(_op_name("snell_dropout_pack"), _snell_dropout_pack_impl, mutates_args=())
+
+
+@_snell_dropout_pack.register_fake
+def _(keep):
+    return keep.new_empty((keep.shape[0], ref_packed_width(keep.shape[1])), dtype=torch.uint8)
+
+
+def _snell_dropout_apply_impl(v2: Tensor, bits: Tensor | None, row_scale: Tensor) -> Tensor:
+    _, impl = _backend.pick("snell.dropout_apply", v2.device)
+    out = impl(v2, bits, row_scale)
+    return _conform(out, tuple(v2.shape), v2.dtype, v2.device, _storages((v2, bits, row_scale)))
+
+
+_snell_dropout_apply = torch.library.custom_op(
+    _op_name("snell_dropout_apply"), _snell_dropout_apply_impl, mutates_args=()
+)
+
+
+@_snell_dropout_apply.register_fake
+def _(v2, bits, row_scale):
+    return torch.empty_like(v2, memory_format=torch.contiguous_format)
+
+
+def snell_dropout_pack(keep):
+    """ "snell.dropout_pack"(keep (T, n) bool) -> (T, ⌈n/8⌉) uint8."""
+    return _run(_snell_dropout_pack, _snell_dropout_pack_impl, keep)
+
+
+def snell_dropout_apply(v2, bits, row_scale):
+    """ "snell.dropout_apply"(v2, bits or None, row_scale) -> v2 ⊙ D (a new tensor in v2's dtype)."""
+    return _run(_snell_dropout_apply, _snell_dropout_apply_impl, v2, bits, row_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------

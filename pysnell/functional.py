@@ -5,12 +5,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
+from . import _library
 from ._checks import check_choice, check_float_tensor, check_positive_int, check_same_device, check_sparsity_arg
 from .ops.monarch.function import monarch_matmul, monarch_project  # noqa: F401 (re-export)
 from .ops.snell import reference as ref
-from .ops.snell.function import KernelMergeFunction, SNELLLinearFunction, SparsifyFunction, sparsity_snapshot
+from .ops.snell.function import (
+    KernelMergeFunction,
+    SNELLBranchFunction,
+    SNELLLinearFunction,
+    SparsifyFunction,
+    sparsity_snapshot,
+)
 from .ops.snell.reference import SnellSpec
 from .ops.topk.function import topk_mask, topk_mask_  # noqa: F401 (re-export)
 
@@ -124,12 +130,33 @@ def _common_dtype(A, B):
     return A.to(dt), B.to(dt)
 
 
-def _drop_path(x, p, training):
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+def _check_drop_rate(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def branch_regularisation(x: torch.Tensor, in_features: int, dropout: float, drop_path: float):
+    """Draw the branch form's D = keep bits × row scale (reference.dropout_apply) for x (..., n):
+    Dropout(dropout) on each element of the branch input, DropPath(drop_path) on each sample (index
+    along x's first dim; an unbatched 1-D x is one sample), both rescaled by their keep
+    probabilities. Drawn here with torch's generator, so every backend sees the same draws.
+    Returns (bits (T, ⌈n/8⌉) uint8 or None when dropout is 0, row_scale (T,) float32)."""
+    T = x.numel() // in_features if in_features else 0
+    dev = x.device
+    bits = None
+    if dropout > 0.0:
+        keep = torch.empty((T, in_features), dtype=torch.bool, device=dev).bernoulli_(1.0 - dropout)
+        bits = _library.snell_dropout_pack(keep)
+    scale = 1.0 / ((1.0 - dropout) * (1.0 - drop_path))
+    if drop_path > 0.0:
+        samples = x.shape[0] if x.dim() >= 2 else 1
+        kept = torch.empty(samples, dtype=torch.float32, device=dev).bernoulli_(1.0 - drop_path)
+        per_sample = T // samples if samples else 0
+        row_scale = (kept * scale).unsqueeze(1).expand(samples, per_sample).reshape(T)
+    else:
+        row_scale = torch.full((T,), scale, dtype=torch.float32, device=dev)
+    return bits, row_scale
 
 
 def snell_linear(
@@ -181,6 +208,7 @@ def snell_linear(
             raise ValueError(f"bias must have shape (out={B.shape[0]},), got {tuple(bias.shape)}")
     check_choice("mode", mode, ref.MODES)
     check_sparsity_arg(sparsity)
+    dropout, drop_path = _check_drop_rate("dropout", dropout), _check_drop_rate("drop_path", drop_path)
     optional = {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
     check_same_device(x=x, A=A, B=B, **optional)
     dev = x.device.type
@@ -192,12 +220,7 @@ def snell_linear(
     sparsity = sparsity_snapshot(sparsity)
     with autocast_off(dev):
         if training and (dropout > 0.0 or drop_path > 0.0):
-            # Reference branch form: frozen GEMM plus a separately regularised SNELL branch.
-            b = None if bias is None else bias.to(x.dtype)
-            base = F.linear(x, weight.to(x.dtype), b) if weight is not None else b
-            xb = F.dropout(x, dropout, True)
-            branch = _drop_path(
-                SNELLLinearFunction.apply(xb, None, None, A, B, *params, sparsity, spec), drop_path, True
-            )
-            return branch if base is None else base + branch
+            # The reference's branch form, x W0ᵀ + b + DropPath(Dropout(x)·Sᵀ), with its draws as one scale D.
+            bits, row_scale = branch_regularisation(x, A.shape[1], dropout, drop_path)
+            return SNELLBranchFunction.apply(x, weight, bias, A, B, *params, sparsity, spec, bits, row_scale)
         return SNELLLinearFunction.apply(x, weight, bias, A, B, *params, sparsity, spec)

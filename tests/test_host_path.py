@@ -68,6 +68,22 @@ def test_snell_layer_step_has_no_host_crossing(seed, triton_backend, kernel):
     assert pysnell.last_backend("snell.layer_backward") == "triton"
 
 
+def test_snell_branch_form_step_has_no_host_crossing(seed, triton_backend):
+    """Training with dropout and drop-path: the draws, the bit packing and both GEMMs stay on the device."""
+    x = torch.randn(5, 3, 24, device=DEVICE, requires_grad=True)
+    w0, b0 = torch.randn(18, 24, device=DEVICE), torch.randn(18, device=DEVICE)
+    A = torch.randn(8, 24, device=DEVICE, requires_grad=True)
+    B = torch.randn(18, 8, device=DEVICE, requires_grad=True)
+
+    def step():
+        y = pysnell.snell_linear(x, w0, b0, A, B, sparsity=0.75, dropout=0.1, drop_path=0.1, training=True)
+        y.sum().backward()
+
+    assert _crossings_of(step) == {}
+    assert pysnell.last_backend("snell.dropout_apply") == "triton"
+    assert pysnell.last_backend("snell.layer_backward") == "triton"
+
+
 @pytest.mark.parametrize("sizes", [(64, 64, 4), (22, 22, 4)], ids=["even", "uneven"])
 def test_monarch_step_has_no_host_crossing(seed, triton_backend, sizes):
     layer = pysnell.MonarchLinear(*sizes, device=DEVICE)
@@ -124,6 +140,21 @@ def test_torch_backend_builds_no_tensor_from_host_data(seed, backend):
         "topk_mask_": lambda: pysnell.topk_mask_(x.detach().clone(), sparsity=0.9),
         "topk_mask (packed mask saved)": lambda: pysnell.topk_mask(x, sparsity=0.9)[0].sum().backward(),
         "sparsify": lambda: pysnell.sparsify(delta, 0.8).sum().backward(),
+        "snell_linear, dropout and drop-path": lambda: (
+            pysnell.snell_linear(
+                x,
+                layer.base.weight,
+                None,
+                layer.snell_A,
+                layer.snell_B,
+                sparsity=0.75,
+                dropout=0.1,
+                drop_path=0.1,
+                training=True,
+            )
+            .sum()
+            .backward()
+        ),
     }
     for name, step in steps.items():
         seen = _crossings_of(step)

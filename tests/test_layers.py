@@ -9,6 +9,8 @@ from oracles import sparsify as sparsify_oracle
 from torch import nn
 
 import pysnell
+from pysnell.functional import branch_regularisation
+from pysnell.ops.snell import reference as ref
 
 MODES = ["reference", "paper", "mask"]
 
@@ -257,7 +259,10 @@ def test_branch_form_in_training_and_fused_form_in_eval(seed):
     state = torch.get_rng_state()
     y = layer(x)
     torch.set_rng_state(state)
-    xd = F.dropout(x, 0.5, True)  # the first random draw is the branch input's dropout
+    bits, row_scale = branch_regularisation(x, 9, 0.5, 0.0)  # the layer's draws, drawn again
+    keep = ref.dropout_unpack(bits, 9)
+    assert 0 < int(keep.sum()) < keep.numel()
+    xd = x * keep * 2.0  # Dropout(0.5): kept entries doubled
     expected = base + F.linear(xd, S)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y, layer.eval()(x), atol=1e-3)  # dropout really acted

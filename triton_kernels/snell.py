@@ -1181,11 +1181,88 @@ def merge_backward(G, A, B, params, spec, need):
     return (dA, dB) + _scalar_grads(geo, scal, tuple(bool(v) for v in need))
 
 
+# ----------------------------------------------------------------------------------------------
+# The branch form's keep mask (reference.dropout_pack / dropout_apply): one pass each, a program per
+# (rows × bytes) tile, every byte's 8 columns as the last axis of a 3-D block.
+# ----------------------------------------------------------------------------------------------
+DROPOUT_TILE = (16, 32, 4)  # (rows, bytes = 8 columns each, warps) per program on a GPU
+
+
+@triton.jit
+def _dropout_pack_kernel(keep_ptr, bits_ptr, T, n, nb, BR: tl.constexpr, BB: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    byte = tl.program_id(1) * BB + tl.arange(0, BB)
+    bit = tl.arange(0, 8)
+    r3 = rows.to(tl.int64)[:, None, None]
+    col = byte[None, :, None] * 8 + bit[None, None, :]
+    k = tl.load(keep_ptr + r3 * n + col, mask=(r3 < T) & (col < n), other=0)
+    packed = tl.sum((k != 0).to(tl.int32) << bit[None, None, :], axis=2)
+    r2 = rows.to(tl.int64)[:, None]
+    tl.store(bits_ptr + r2 * nb + byte[None, :], packed.to(tl.uint8), mask=(r2 < T) & (byte[None, :] < nb))
+
+
+@triton.jit
+def _dropout_apply_kernel(
+    v_ptr, bits_ptr, scale_ptr, out_ptr, T, n, nb, HAS_BITS: tl.constexpr, BR: tl.constexpr, BB: tl.constexpr
+):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    byte = tl.program_id(1) * BB + tl.arange(0, BB)
+    bit = tl.arange(0, 8)
+    r3 = rows.to(tl.int64)[:, None, None]
+    col = byte[None, :, None] * 8 + bit[None, None, :]
+    inside = (r3 < T) & (col < n)
+    v = tl.load(v_ptr + r3 * n + col, mask=inside, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + r3, mask=r3 < T, other=0.0)
+    if HAS_BITS:
+        b3 = byte[None, :, None]
+        packed = tl.load(bits_ptr + r3 * nb + b3, mask=(r3 < T) & (b3 < nb), other=0).to(tl.int32)
+        scale = tl.where(((packed >> bit[None, None, :]) & 1) != 0, scale, 0.0)
+    tl.store(out_ptr + r3 * n + col, (v * scale).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _dropout_grid(T: int, nb: int):
+    BR, BB, warps = (4, 2, 1) if interpreting() else DROPOUT_TILE
+    return (cdiv(T, BR), cdiv(nb, BB)), BR, BB, warps
+
+
+@_on_device
+def dropout_pack(keep):
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a 2-D (T, n) bool mask, got {keep.dtype} of shape {tuple(keep.shape)}")
+    T, n = keep.shape
+    nb = ref.packed_width(n)
+    bits = _alloc((T, nb), torch.uint8, keep.device)
+    if T and n:
+        grid, BR, BB, warps = _dropout_grid(T, nb)
+        _dropout_pack_kernel[grid](keep.contiguous().view(torch.uint8), bits, T, n, nb, BR=BR, BB=BB, num_warps=warps)
+    return bits
+
+
+@_on_device
+def dropout_apply(v, bits, row_scale):
+    if v.dtype not in _ACT_DTYPES:
+        return ref.dropout_apply(v, bits, row_scale)
+    ref.check_dropout_args(v, bits, row_scale)
+    T, n = v.shape
+    nb = ref.packed_width(n)
+    out = _alloc((T, n), v.dtype, v.device)
+    if T and n:
+        grid, BR, BB, warps = _dropout_grid(T, nb)
+        scale = row_scale.to(torch.float32).contiguous()
+        _dropout_apply_kernel[grid](
+            v.contiguous(), bits if bits is not None else scale, scale, out, T, n, nb,
+            HAS_BITS=bits is not None, BR=BR, BB=BB, num_warps=warps,
+        )  # fmt: skip
+    return out
+
+
 def register() -> None:
     _backend.register("snell.layer_forward", "triton", layer_forward)
     _backend.register("snell.layer_backward", "triton", layer_backward)
     _backend.register("snell.merge", "triton", merge)
     _backend.register("snell.merge_backward", "triton", merge_backward)
+    _backend.register("snell.dropout_pack", "triton", dropout_pack)
+    _backend.register("snell.dropout_apply", "triton", dropout_apply)
 
 
-__all__ = ["layer_forward", "layer_backward", "merge", "merge_backward", "register"]
+__all__ = ["layer_forward", "layer_backward", "merge", "merge_backward", "dropout_pack", "dropout_apply", "register"]

@@ -6,6 +6,8 @@ Backend ops (same signature in every backend):
 - "snell.layer_forward"(x2, weight, bias, A, B, params, spec, sparsity) -> (y2, thresholds (G,))
 - "snell.layer_backward"(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs)
       -> (dx2, dweight, dbias, dA, dB, dcoeffs, dalpha, dbeta, dgamma)
+- "snell.dropout_pack"(keep (T, n) bool) -> bits (T, ⌈n/8⌉) uint8
+- "snell.dropout_apply"(v2 (T, n), bits or None, row_scale (T,) float32) -> v2 ⊙ D in v2's dtype
 The layer Function saves only x, the factors, the kernel scalars and the thresholds; every
 backend recomputes ΔW (or its tiles) in backward instead of saving anything m×n.
 """
@@ -71,6 +73,8 @@ _backend.register("snell.merge", "torch", ref.merge)
 _backend.register("snell.merge_backward", "torch", ref.merge_backward)
 _backend.register("snell.layer_forward", "torch", _torch_layer_forward)
 _backend.register("snell.layer_backward", "torch", _torch_layer_backward)
+_backend.register("snell.dropout_pack", "torch", ref.dropout_pack)
+_backend.register("snell.dropout_apply", "torch", ref.dropout_apply)
 
 
 def sparsity_snapshot(sparsity):
@@ -167,3 +171,52 @@ class SNELLLinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(x.shape).to(x.dtype)
         return (dx,) + _param_grads(ctx, grads[1:], 1) + (None, None)
+
+
+class SNELLBranchFunction(torch.autograd.Function):
+    """The branch form in training: y = x W0ᵀ + b + (x ⊙ D) Sᵀ (W0 optional), D = keep bits × row scale
+    (reference.dropout_apply; the caller draws them). Saves x, the factors, the kernel scalars, the
+    thresholds and the packed bits (T·⌈n/8⌉ bytes) with the row scales (T floats): the dropped input
+    x ⊙ D is rebuilt in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, coeffs, alpha, beta, gamma, sparsity, spec: SnellSpec, bits, row_scale):
+        n = A.shape[1]
+        x2 = x.reshape(-1, n)
+        params = KernelParams(coeffs, alpha, beta, gamma)
+        xd = _library.snell_dropout_apply(x2, bits, row_scale)
+        y2, t = _library.snell_layer_forward(xd, None, bias, A, B, params, spec, sparsity)
+        del xd
+        if weight is not None:
+            y2.addmm_(x2, weight.to(x2.dtype).t())  # the frozen GEMM accumulates onto the branch (+ bias)
+        ctx.save_for_backward(
+            x, weight, A, B, coeffs, alpha, beta, gamma, t, _saved_sparsity(sparsity), bits, row_scale
+        )
+        ctx.spec, ctx.sparsity = spec, sparsity
+        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, A, B, coeffs, alpha, beta, gamma, t, s_saved, bits, row_scale = ctx.saved_tensors
+        n = A.shape[1]
+        x2 = x.reshape(-1, n)
+        params = KernelParams(coeffs, alpha, beta, gamma)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        needs_factor = tuple(ctx.needs_input_grad[3:9])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        sparsity = ctx.sparsity if s_saved is None else s_saved
+        # the branch's input only enters G_S = dyᵀ (x ⊙ D): rebuilt when a factor gradient is asked for
+        xd = _library.snell_dropout_apply(x2, bits, row_scale) if any(needs_factor) else x2
+        grads = _library.snell_layer_backward(
+            dy2, xd, None, A, B, params, ctx.spec, sparsity, t, (need_x, False, need_b) + needs_factor
+        )
+        del xd
+        dx = dweight = None
+        if need_x:
+            dx2 = _library.snell_dropout_apply(grads[0], bits, row_scale)
+            if weight is not None:
+                dx2.addmm_(dy2, weight.to(dy2.dtype))
+            dx = dx2.reshape(x.shape).to(x.dtype)
+        if need_w:
+            dweight = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
+        return (dx, dweight, grads[2]) + _param_grads(ctx, grads[3:], 3) + (None,) * 4

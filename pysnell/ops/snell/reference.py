@@ -243,3 +243,62 @@ def sparsify_backward(grad_s, delta, threshold, mode: str, sparsity, groups: int
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out = torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return _select(zero, grad_s, out.reshape(delta.shape))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The branch form's input regularisation (spec §4): Dropout on the branch input and DropPath on the
+# branch output, folded into one per-element scale of x, D[t, j] = keep[t, j]·row_scale[t], because
+# DropPath scales whole rows: DropPath(Dropout(x)·Sᵀ) = (x ⊙ D)·Sᵀ with
+# row_scale[t] = path_keep[sample(t)] / ((1 − p_dropout)(1 − p_drop_path)).
+# The keep mask is stored as bits (row t's bit j is bit j % 8 of byte [t, j // 8]), so the layer saves
+# T·⌈n/8⌉ bytes for its backward instead of the dropped input and a byte mask.
+
+
+def packed_width(n: int) -> int:
+    """Bytes per row of a packed keep mask of n columns."""
+    return -(-n // 8)
+
+
+def dropout_pack(keep: torch.Tensor) -> torch.Tensor:
+    """Pack a bool (T, n) keep mask into (T, ⌈n/8⌉) uint8 (bit j % 8 of byte j // 8)."""
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a 2-D (T, n) bool mask, got {keep.dtype} of shape {tuple(keep.shape)}")
+    T, n = keep.shape
+    pad = packed_width(n) * 8 - n
+    k = keep.to(torch.uint8)
+    if pad:
+        k = torch.cat([k, k.new_zeros(T, pad)], dim=1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=keep.device)
+    return (k.view(T, packed_width(n), 8) << shifts).sum(2, dtype=torch.uint8)
+
+
+def dropout_unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(2) >> shifts) & 1).reshape(bits.shape[0], bits.shape[1] * 8)[:, :n].bool()
+
+
+def check_dropout_args(v: torch.Tensor, bits, row_scale: torch.Tensor) -> None:
+    """Shapes and dtypes the kernels index by (a wrong one must not become an out-of-bounds read)."""
+    if v.dim() != 2:
+        raise ValueError(f"v must be 2-D (T, n), got shape {tuple(v.shape)}")
+    T, n = v.shape
+    if bits is not None and (bits.dtype != torch.uint8 or tuple(bits.shape) != (T, packed_width(n))):
+        raise ValueError(f"bits must be uint8 of shape {(T, packed_width(n))}, got {bits.dtype} {tuple(bits.shape)}")
+    if not row_scale.is_floating_point() or tuple(row_scale.shape) != (T,):
+        raise ValueError(
+            f"row_scale must be a float tensor of shape ({T},), got {row_scale.dtype} {tuple(row_scale.shape)}"
+        )
+    for name, t in (("bits", bits), ("row_scale", row_scale)):
+        if t is not None and t.device != v.device:
+            raise ValueError(f"{name} must be on {v.device}, got {t.device}")
+
+
+def dropout_apply(v: torch.Tensor, bits, row_scale: torch.Tensor) -> torch.Tensor:
+    """v ⊙ D in v's dtype: v[t, j]·(keep[t, j]·row_scale[t]), one float32 (or wider) product per
+    element. A product, as F.dropout does: a dropped NaN stays NaN. bits None keeps every element."""
+    check_dropout_args(v, bits, row_scale)
+    acc = torch.promote_types(v.dtype, torch.float32)
+    scale = row_scale.to(acc).unsqueeze(1)
+    if bits is not None:
+        scale = dropout_unpack(bits, v.shape[1]).to(acc) * scale
+    return (v.to(acc) * scale).to(v.dtype)
