@@ -104,6 +104,21 @@ def cases(quick: bool):
         out.append(
             ("snell.merge", f"{m}x{n} r=8 fp32", torch.float32, lambda impl, a=(A, B, params, spec): lambda: impl(*a))
         )
+    for tokens, n in [(12608, 768)] if quick else [(12608, 768), (12608, 3072)]:
+        keep = torch.rand(tokens, n, device="cuda") < 0.9
+        v = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+        bits = _backend._registry["snell.dropout_pack"]["torch"](keep)
+        row_scale = torch.rand(tokens, device="cuda") + 1
+        name = f"T={tokens} n={n}"
+        out.append(("snell.dropout_pack", name, torch.bool, lambda impl, k=keep: lambda: impl(k)))
+        out.append(
+            (
+                "snell.dropout_apply",
+                name + " bf16",
+                torch.bfloat16,
+                lambda impl, a=(v, bits, row_scale): lambda: impl(*a),
+            )
+        )
     monarch_shapes = [(8192, 1024, 4)] if quick else [(8192, 1024, 4), (8192, 4096, 4), (8192, 4096, 16)]
     for tokens, n, b in monarch_shapes:
         blk = n // b

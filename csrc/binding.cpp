@@ -311,6 +311,53 @@ std::tuple<Tensor, Tensor, Tensor> snell_backward(const Tensor& grad, const Tens
   return {dA, dB, dscalars};
 }
 
+// ---- the branch form's keep mask
+
+Tensor snell_dropout_pack(const Tensor& keep) {
+  check_on_cuda(keep, "keep");
+  TORCH_CHECK(keep.dim() == 2 && keep.scalar_type() == at::kBool,
+              "pysnell CUDA snell_dropout_pack: keep must be a 2-D (T, n) bool mask, got ", keep.scalar_type(), " ",
+              keep.sizes());
+  const c10::cuda::CUDAGuard guard(keep.device());
+  const Tensor k = keep.contiguous();
+  const int64_t rows = k.size(0), n = k.size(1);
+  Tensor bits = at::empty({rows, (n + 7) / 8}, k.options().dtype(at::kByte));
+  check_cuda(pysnell::snell_dropout_pack(static_cast<const uint8_t*>(k.data_ptr()), rows, n,
+                                         bits.data_ptr<uint8_t>(), stream_of(k)),
+             "snell_dropout_pack");
+  return bits;
+}
+
+Tensor snell_dropout_apply(const Tensor& v2, const std::optional<Tensor>& bits, const Tensor& row_scale) {
+  check_on_cuda(v2, "v");
+  TORCH_CHECK(v2.dim() == 2, "pysnell CUDA snell_dropout_apply: v must be 2-D (T, n), got ", v2.sizes());
+  const c10::cuda::CUDAGuard guard(v2.device());
+  const int64_t rows = v2.size(0), n = v2.size(1);
+  Tensor b;
+  if (bits.has_value() && bits->defined()) {
+    check_on_cuda(*bits, "bits");
+    TORCH_CHECK(bits->scalar_type() == at::kByte && bits->dim() == 2 && bits->size(0) == rows &&
+                    bits->size(1) == (n + 7) / 8,
+                "pysnell CUDA snell_dropout_apply: bits must be uint8 of shape (", rows, ", ", (n + 7) / 8, "), got ",
+                bits->scalar_type(), " ", bits->sizes());
+    b = bits->contiguous();
+  }
+  check_on_cuda(row_scale, "row_scale");
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == rows,
+              "pysnell CUDA snell_dropout_apply: row_scale must have shape (", rows, ",), got ", row_scale.sizes());
+  const Tensor v = v2.contiguous();
+  const Tensor scale = row_scale.to(at::kFloat).contiguous();
+  Tensor out = at::empty({rows, n}, v.options());
+  dispatch_float(v, "v", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    check_cuda(pysnell::snell_dropout_apply<T>(static_cast<const T*>(v.data_ptr()),
+                                               b.defined() ? b.data_ptr<uint8_t>() : nullptr, scale.data_ptr<float>(),
+                                               rows, n, static_cast<T*>(out.data_ptr()), stream_of(v)),
+               "snell_dropout_apply");
+  });
+  return out;
+}
+
 // ---- Monarch
 
 pysnell::MonarchShape monarch_shape(const Tensor& x, const Tensor& w1, const Tensor& w2, int64_t out_features) {
@@ -418,6 +465,8 @@ TORCH_LIBRARY(pysnell_cuda, m) {
       "snell_backward(Tensor grad, Tensor A, Tensor B, Tensor coeffs, Tensor alpha, Tensor beta, Tensor gamma, "
       "Tensor(a!)? colstats, Tensor? thresholds, float sparsity, Tensor? sparsity_tensor, int kernel, int pieces, "
       "int mode, int groups) -> (Tensor, Tensor, Tensor)");
+  m.def("snell_dropout_pack(Tensor keep) -> Tensor");
+  m.def("snell_dropout_apply(Tensor v, Tensor? bits, Tensor row_scale) -> Tensor");
   m.def("monarch_forward(Tensor x, Tensor w1, Tensor w2, Tensor? bias, int out_features) -> Tensor");
   m.def(
       "monarch_backward(Tensor dy, Tensor x, Tensor w1, Tensor w2, bool need_x, bool need_w1, bool need_w2) "
@@ -431,6 +480,8 @@ TORCH_LIBRARY_IMPL(pysnell_cuda, CUDA, m) {
   m.impl("snell_select", &snell_select);
   m.impl("snell_weff", &snell_weff);
   m.impl("snell_backward", &snell_backward);
+  m.impl("snell_dropout_pack", &snell_dropout_pack);
+  m.impl("snell_dropout_apply", &snell_dropout_apply);
   m.impl("monarch_forward", &monarch_forward);
   m.impl("monarch_backward", &monarch_backward);
 }

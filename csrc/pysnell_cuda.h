@@ -107,6 +107,16 @@ cudaError_t snell_backward(const SnellFactors& f, float* colstats, SnellSparsify
                            DType grad_dtype, void* dA, void* dB, float* dscalars, void* workspace,
                            size_t workspace_bytes, cudaStream_t stream);
 
+// The branch form's keep mask (training with dropout / drop-path): bits (rows, nb = ceil(n / 8)) uint8,
+// bit j % 8 of byte j / 8 of row t set when element (t, j) is kept.
+cudaError_t snell_dropout_pack(const uint8_t* keep, int64_t rows, int64_t n, uint8_t* bits, cudaStream_t stream);
+
+// out (rows, n) = v ⊙ D: v[t, j]·(kept[t, j] ? row_scale[t] : 0), one float32 product rounded to T.
+// bits nullable: every element kept.
+template <typename T>
+cudaError_t snell_dropout_apply(const T* v, const uint8_t* bits, const float* row_scale, int64_t rows, int64_t n,
+                                T* out, cudaStream_t stream);
+
 // ------------------------------------------------------------------------------------------------
 // Monarch (fly layout, spec/MONARCH.md): x (T, n_in <= k·p), w1 (k, q, p), w2 (l, s, r), l·r = k·q,
 // y (T, out_features <= l·s). Missing input features read as zeros; output features past

@@ -124,4 +124,73 @@ cudaError_t snell_weff(const SnellFactors& f, const float* colstats, SnellSparsi
   })
 }
 
+// ---- the branch form's keep mask (training with dropout / drop-path): bits, and v ⊙ D
+
+namespace {
+
+constexpr int kDropoutThreads = 256;
+constexpr int64_t kDropoutMaxGridY = 65535;
+
+// A thread per (column, row stride): consecutive threads take consecutive bytes / elements of a row.
+__global__ void __launch_bounds__(kDropoutThreads)
+    snell_dropout_pack_kernel(const uint8_t* keep, int64_t rows, int64_t n, int64_t nb, uint8_t* bits) {
+  const int64_t byte = static_cast<int64_t>(blockIdx.x) * kDropoutThreads + threadIdx.x;
+  if (byte >= nb) return;
+  for (int64_t t = blockIdx.y; t < rows; t += gridDim.y) {
+    const uint8_t* row = keep + t * n;
+    unsigned int packed = 0;
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+      const int64_t j = byte * 8 + b;
+      if (j < n && row[j] != 0) packed |= 1u << b;
+    }
+    bits[t * nb + byte] = static_cast<uint8_t>(packed);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDropoutThreads)
+    snell_dropout_apply_kernel(const T* v, const uint8_t* bits, const float* row_scale, int64_t rows, int64_t n,
+                               int64_t nb, T* out) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kDropoutThreads + threadIdx.x;
+  if (j >= n) return;
+  for (int64_t t = blockIdx.y; t < rows; t += gridDim.y) {
+    float scale = row_scale[t];
+    if (bits != nullptr && ((bits[t * nb + (j >> 3)] >> (j & 7)) & 1) == 0) scale = 0.0f;
+    // a product, as the reference: a dropped NaN stays NaN
+    out[t * n + j] = detail::from_float<T>(detail::to_float(v[t * n + j]) * scale);
+  }
+}
+
+dim3 dropout_grid(int64_t rows, int64_t cols) {
+  const int64_t y = rows < kDropoutMaxGridY ? rows : kDropoutMaxGridY;
+  return dim3(static_cast<unsigned int>(detail::ceil_div(cols, kDropoutThreads)), static_cast<unsigned int>(y));
+}
+
+}  // namespace
+
+cudaError_t snell_dropout_pack(const uint8_t* keep, int64_t rows, int64_t n, uint8_t* bits, cudaStream_t stream) {
+  const int64_t nb = detail::ceil_div(n, 8);
+  if (rows <= 0 || nb <= 0) return cudaSuccess;
+  snell_dropout_pack_kernel<<<dropout_grid(rows, nb), kDropoutThreads, 0, stream>>>(keep, rows, n, nb, bits);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t snell_dropout_apply(const T* v, const uint8_t* bits, const float* row_scale, int64_t rows, int64_t n,
+                                T* out, cudaStream_t stream) {
+  if (rows <= 0 || n <= 0) return cudaSuccess;
+  snell_dropout_apply_kernel<T><<<dropout_grid(rows, n), kDropoutThreads, 0, stream>>>(
+      v, bits, row_scale, rows, n, detail::ceil_div(n, 8), out);
+  return cudaGetLastError();
+}
+
+#define PYSNELL_INSTANTIATE_DROPOUT(T)                                                                       \
+  template cudaError_t snell_dropout_apply<T>(const T*, const uint8_t*, const float*, int64_t, int64_t, T*, \
+                                              cudaStream_t);
+
+PYSNELL_INSTANTIATE_DROPOUT(float)
+PYSNELL_INSTANTIATE_DROPOUT(__half)
+PYSNELL_INSTANTIATE_DROPOUT(__nv_bfloat16)
+
 }  // namespace pysnell

@@ -23,9 +23,13 @@ from .ops.snell import reference as snell_ref
 # (benchmarks/results/nvidia-h200): the CUDA top-k and SNELL layer ops beat Triton at most shapes, so
 # they keep the default. The CUDA Monarch ops have never run on a GPU (the extension did not link in
 # the only run that benchmarked Monarch), so "auto" uses the measured Triton and torch kernels for them.
+# The branch form's keep-mask kernels (2026-11-27) have not run on a GPU either: "auto" runs their Triton
+# twins first, which the interpreter tests check bit for bit against the reference.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "monarch.forward": ("triton", "torch"),
     "monarch.backward": ("triton", "torch"),
+    "snell.dropout_pack": ("triton", "cuda", "torch"),
+    "snell.dropout_apply": ("triton", "cuda", "torch"),
 }
 
 KERNEL_IDS = {"piecewise": 0, "linear": 1, "rbf": 2, "sigmoid": 3, "snella": 4}
@@ -40,6 +44,8 @@ OPS = (
     "snell.merge_backward",
     "snell.layer_forward",
     "snell.layer_backward",
+    "snell.dropout_pack",
+    "snell.dropout_apply",
     "monarch.forward",
     "monarch.backward",
 )
@@ -232,6 +238,19 @@ def _monarch_supported(x2, w1, w2) -> bool:
     )
 
 
+def snell_dropout_pack(keep):
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        return _reference("snell.dropout_pack")(keep)  # raises the reference's clear error
+    return _lib().snell_dropout_pack(keep)
+
+
+def snell_dropout_apply(v2, bits, row_scale):
+    if v2.dtype not in KERNEL_DTYPES:
+        return _reference("snell.dropout_apply")(v2, bits, row_scale)
+    snell_ref.check_dropout_args(v2, bits, row_scale)
+    return _lib().snell_dropout_apply(v2, bits, row_scale)
+
+
 def monarch_forward(x2, w1, w2, bias, out_features):
     if not _monarch_supported(x2, w1, w2):
         return _reference("monarch.forward")(x2, w1, w2, bias, out_features)
@@ -283,6 +302,14 @@ def _register_fakes() -> None:
     def _(grad, A, B, coeffs, a, b, g, colstats, thresholds, s, st, kernel, pieces, mode, groups):
         return torch.empty_like(A), torch.empty_like(B), A.new_empty((pieces + 3,), dtype=torch.float32)
 
+    @fake("snell_dropout_pack")
+    def _(keep):
+        return keep.new_empty((keep.shape[0], snell_ref.packed_width(keep.shape[1])), dtype=torch.uint8)
+
+    @fake("snell_dropout_apply")
+    def _(v, bits, row_scale):
+        return torch.empty_like(v, memory_format=torch.contiguous_format)
+
     @fake("monarch_forward")
     def _(x, w1, w2, bias, out_features):
         return x.new_empty((x.shape[0], out_features))
@@ -311,6 +338,8 @@ def register() -> None:
         "snell.merge_backward": snell_merge_backward,
         "snell.layer_forward": snell_layer_forward,
         "snell.layer_backward": snell_layer_backward,
+        "snell.dropout_pack": snell_dropout_pack,
+        "snell.dropout_apply": snell_dropout_apply,
         "monarch.forward": monarch_forward,
         "monarch.backward": monarch_backward,
     }

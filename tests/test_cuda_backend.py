@@ -789,6 +789,28 @@ def test_monarch_forward_backward(cuda_ops, seed, dtype, case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_snell_dropout_ops_equal_the_reference_bit_for_bit(cuda_ops, seed, dtype):
+    from pysnell.ops.snell import reference as snell_ref
+
+    pack, apply = _impl("snell.dropout_pack", "cuda"), _impl("snell.dropout_apply", "cuda")
+    for T, n in ((1, 1), (5, 13), (3, 1031), (70001, 9), (0, 4)):  # 70001 rows: more than grid.y holds
+        keep = torch.rand(T, n, device=DEV) < 0.6
+        poison_allocator(T * n, torch.float32)  # NaN bytes where the packed bits will go
+        bits = pack(keep)
+        assert torch.equal(bits, snell_ref.dropout_pack(keep)), (T, n)
+        v = torch.randn(T, n, device=DEV).to(dtype)
+        row_scale = torch.rand(T, device=DEV) * 3
+        for b in (bits, None):
+            poison_allocator(T * n, dtype)
+            assert torch.equal(apply(v, b, row_scale), snell_ref.dropout_apply(v, b, row_scale)), (T, n)
+    with pytest.raises(ValueError, match="bits must be uint8 of shape"):
+        apply(
+            torch.randn(4, 9, device=DEV), torch.zeros(4, 1, dtype=torch.uint8, device=DEV), torch.ones(4, device=DEV)
+        )
+
+
+@pytest.mark.gpu
 def test_monarch_layer_autograd_uses_cuda(cuda_ops, seed):
     layer = pysnell.MonarchLinear(100, 70, nblocks=4, device=DEV)
     x = torch.randn(3, 21, 100, device=DEV, requires_grad=True)
