@@ -22,6 +22,12 @@ Providers (one group per case and dtype, baseline "full_ft"; every one is our ow
   CUDA graph and timed as graph replays: the GPU's time alone, with no host cost (what
   torch.cuda.graph or torch.compile(mode="reduce-overhead") leaves). Their output and gradients
   are checked after a replay; peak memory is the eager row's (NaN here).
+- op snell_layer_train (the two target shapes, bf16, r = 8): the training branch form with
+  Dropout(0.1) on the branch input and DropPath(0.1) on its output, as the reference trains:
+  full_ft, lora_dropout (LoRA with Dropout(0.1) on its input, as peft's lora_dropout) and
+  pysnell_<backend> (snell_linear(..., dropout=0.1, drop_path=0.1, training=True): the keep mask
+  saved as bits, x ⊙ D rebuilt in backward). Its pysnell rows are checked against pysnell's torch
+  backend in fp32 on the same draws (same seed).
 Every provider's output and its trainable gradients are checked once against an fp32 oracle
 (pysnell's torch backend, or plain formulas for full FT / LoRA) before it is timed (row field
 "check"); a failed check is an error row, never timed. GPU rows of pysnell_triton also record how
@@ -62,6 +68,7 @@ FULL_SHAPES = [
     (4096, 11008, 4096),
 ]
 TARGETS = {(12608, 768, 3072), (4096, 4096, 11008)}
+BRANCH_SHAPES = TARGETS | {(9, 19, 27)}  # the training branch form: the target shapes (and one quick shape)
 GRAPH = "_graph"  # suffix of the providers timed as CUDA graph replays
 QUICK_SHAPES = [(16, 24, 20), (9, 19, 27)]
 # Tolerances of the one-off checks (relative RMSE against the fp32 oracle): outputs, gradients.
@@ -352,6 +359,109 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
     return rows
 
 
+TRAIN_OP = "snell_layer_train"
+DROPOUT = DROP_PATH = 0.1
+
+
+def _branch_provider(case, backend, seed):
+    def forward(reseed=False):
+        if reseed:
+            torch.manual_seed(seed)
+        return snell_linear(
+            case.x, case.w0, case.b0, case.A, case.B, sparsity=case.sparsity, kernel="piecewise", pieces=PIECES,
+            scale=SCALE, mode="reference", dropout=DROPOUT, drop_path=DROP_PATH, training=True,
+        )  # fmt: skip
+
+    return forward, [case.x, case.A, case.B]
+
+
+def _lora_dropout_provider(case):
+    A = (case.A.detach() / 8).to(case.dtype).requires_grad_()
+    B = (case.B.detach() / 8).to(case.dtype).requires_grad_()
+
+    def forward():
+        return F.linear(case.x, case.w0, case.b0) + F.linear(F.linear(F.dropout(case.x, DROPOUT), A), B)
+
+    return forward, [case.x, A, B]
+
+
+def _branch_check(case, forward, backend) -> str:
+    """The pysnell branch form against pysnell's torch backend in fp32 on the same draws (same seed)."""
+    x32 = case.x.detach().float().requires_grad_()
+    A32, B32 = case.A.detach().clone().requires_grad_(), case.B.detach().clone().requires_grad_()
+    with harness.forced_backend("torch"):
+        seed = torch.initial_seed() % 2**31
+        torch.manual_seed(seed)
+        want = snell_linear(
+            x32, case.w0.float(), case.b0.float(), A32, B32, sparsity=case.sparsity, kernel="piecewise",
+            pieces=PIECES, scale=SCALE, mode="reference", dropout=DROPOUT, drop_path=DROP_PATH, training=True,
+        )  # fmt: skip
+        want_grads = torch.autograd.grad(want, [x32, A32, B32], case.dy.float())
+    with harness.forced_backend(backend):
+        torch.manual_seed(seed)
+        y = forward()
+        got_grads = torch.autograd.grad(y, [case.x, case.A, case.B], case.dy)
+        if _backend.last_backend("snell.dropout_apply") not in (backend, "triton", "torch"):
+            return f"snell.dropout_apply ran on {_backend.last_backend('snell.dropout_apply')}"
+    tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
+    labels = ("y", "dx", "dA", "dB")
+    errs = [harness.rel_rmse(g, w) for g, w in zip((y, *got_grads), (want, *want_grads))]
+    for i, err in enumerate(errs):
+        if not math.isfinite(err) or err > (tol_y if i == 0 else tol_g):
+            return f"{labels[i]} rel-RMSE {err:.2e} > {tol_y if i == 0 else tol_g:.0e}"
+    return "ok: rel-RMSE " + ", ".join(f"{labels[i]} {e:.1e}" for i, e in enumerate(errs))
+
+
+def _bench_branch_case(T, n, m, dtype, device, full, notes):
+    """Training with dropout and drop-path (op snell_layer_train): time and peak memory of one fwd+bwd."""
+    case = _Case(T, n, m, 8, dtype, device)
+    label = f"T{T}-{n}x{m}-r8-drop{DROPOUT}-path{DROP_PATH}"
+    ident = {"op": TRAIN_OP, "case": label, "baseline": BASELINE, "dtype": dtype, "device": device, "pass_": "fwd+bwd"}
+    extra = {"size": m * n, "tokens": T, "in_features": n, "out_features": m, "r": 8, "sparsity": SPARSITY}
+    reps, warmup = (10, 3) if full else (2, 1)
+    providers = [("full_ft", lambda: _full_ft_provider(case)), ("lora_dropout", lambda: _lora_dropout_provider(case))]
+    for backend in ("torch", "triton", "cuda"):
+        if _backend.available("snell.layer_forward", backend, torch.device(device)):
+            providers.append((f"pysnell_{backend}", lambda b=backend: _branch_provider(case, b, 0)))
+    rows = []
+    for name, make in providers:
+        backend = name[len("pysnell_") :] if name.startswith("pysnell_") else None
+        try:
+            forward, leaves = make()
+            if backend is not None:
+                check = _branch_check(case, forward, backend)
+            else:  # full FT's formulas are checked in the snell_layer group; LoRA's draws are its own
+                check = "ok: not checked here" if name == "full_ft" else "ok: random draws, not checked"
+            if not check.startswith("ok"):
+                rows.append(harness.error_row(f"check failed: {check}", provider=name, **ident))
+                rows[-1].update(extra)
+                continue
+
+            def step(forward=forward, backend=backend):
+                with harness.forced_backend(backend):
+                    y = forward()
+                    y.backward(case.dy)
+                    return y
+
+            rows.append(
+                harness.measure(
+                    step, provider=name, warmup=warmup, reps=reps, grad_to_none=leaves, check=check, **ident, **extra
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - one provider's failure is a row, the rest still run
+            if type(exc).__name__ == "ModuleTimeout":
+                raise
+            rows.append(harness.error_row(exc, provider=name, **ident))
+            rows[-1].update(extra)
+            notes.append(f"snell: {name} {label} {dtype}: {type(exc).__name__}: {exc}"[:300])
+        finally:
+            for t in (case.x, case.A, case.B):
+                t.grad = None
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def _plan(full, cuda):
     """(T, in, out, r, dtype, compiled only), most important first: a run cut short keeps the
     targets; the torch.compile'd provider (tens of seconds to compile) comes last."""
@@ -374,6 +484,8 @@ def run(full: bool, device: str, notes: list | None = None) -> list[dict]:
     rows = []
     try:
         for T, n, m, r, dtype, compiled_only in _plan(full, cuda):
+            if r == 8 and not compiled_only and (dtype == torch.bfloat16 or not full) and (T, n, m) in BRANCH_SHAPES:
+                rows.extend(_bench_branch_case(T, n, m, dtype, device, full, notes))
             rows.extend(_bench_case(T, n, m, r, dtype, device, full, notes, compiled_only))
             gc.collect()
             if cuda:
