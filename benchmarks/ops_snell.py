@@ -285,6 +285,33 @@ def _providers(case, full, cuda, compiled_only):
     return out
 
 
+def _step_of(case, forward, backend):
+    """One timed fwd+bwd of a provider, under its backend."""
+
+    def step():
+        with harness.forced_backend(backend):
+            y = forward()
+            y.backward(case.dy)
+            return y
+
+    return step
+
+
+def _error_row(reason, name, ident, extra) -> dict:
+    row = harness.error_row(reason, provider=name, **ident)
+    row.update(extra)
+    return row
+
+
+def _provider_failed(exc, name, label, dtype, ident, extra, notes) -> dict:
+    """The row of a provider that raised (the runner's time limit is re-raised: it ends the module)."""
+    if type(exc).__name__ == "ModuleTimeout":
+        raise exc
+    if not isinstance(exc, torch.OutOfMemoryError):
+        notes.append(f"snell: {name} {label} {dtype}: {type(exc).__name__}: {exc}"[:300])
+    return _error_row(exc, name, ident, extra)
+
+
 def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
     cuda = torch.device(device).type == "cuda"
     case = _Case(T, n, m, r, dtype, device)
@@ -296,10 +323,7 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
     rows = []
     for name, make in _providers(case, full, cuda, compiled_only):
         if make is None:
-            rows.append(
-                harness.error_row(f"torch.quantile refuses {case.numel} > 2^24 entries", provider=name, **ident)
-            )
-            rows[-1].update(extra)
+            rows.append(_error_row(f"torch.quantile refuses {case.numel} > 2^24 entries", name, ident, extra))
             continue
         graphed = name.endswith(GRAPH)
         eager_name = name.removesuffix(GRAPH)
@@ -308,23 +332,15 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
             forward, leaves = make()
             check = _check(eager_name, case, forward, leaves, oracle, backend)
             if not check.startswith("ok"):
-                rows.append(harness.error_row(f"check failed: {check}", provider=name, **ident))
-                rows[-1].update(extra)
+                rows.append(_error_row(f"check failed: {check}", name, ident, extra))
                 continue
-
-            def step(forward=forward, backend=backend):
-                with harness.forced_backend(backend):
-                    y = forward()
-                    y.backward(case.dy)
-                    return y
-
+            step = _step_of(case, forward, backend)
             if graphed:
                 graph, y = harness.cuda_graph(step, leaves)
                 graph.replay()
                 check = _judge(eager_name, case, y, leaves, oracle)  # what the replay computed
                 if not check.startswith("ok"):
-                    rows.append(harness.error_row(f"replay check failed: {check}", provider=name, **ident))
-                    rows[-1].update(extra)
+                    rows.append(_error_row(f"replay check failed: {check}", name, ident, extra))
                     continue
                 row = harness.measure(
                     graph.replay, provider=name, warmup=warmup, reps=reps, check=check, **ident, **extra
@@ -342,15 +358,8 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
                     bwd_k, bwd_m = _count_launches(functools.partial(y.backward, case.dy), device)
                 row.update(launches_fwd=fwd_k, memsets_fwd=fwd_m, launches_bwd=bwd_k, memsets_bwd=bwd_m)
             rows.append(row)
-        except torch.OutOfMemoryError as exc:
-            rows.append(harness.error_row(exc, provider=name, **ident))
-            rows[-1].update(extra)
         except Exception as exc:  # noqa: BLE001 - one provider's failure is a row, the rest still run
-            if type(exc).__name__ == "ModuleTimeout":
-                raise
-            rows.append(harness.error_row(exc, provider=name, **ident))
-            rows[-1].update(extra)
-            notes.append(f"snell: {name} {label} {dtype}: {type(exc).__name__}: {exc}"[:300])
+            rows.append(_provider_failed(exc, name, label, dtype, ident, extra, notes))
         finally:
             for t in (case.x, case.A, case.B):
                 t.grad = None
@@ -363,10 +372,10 @@ TRAIN_OP = "snell_layer_train"
 DROPOUT = DROP_PATH = 0.1
 
 
-def _branch_provider(case, backend, seed):
-    def forward(reseed=False):
-        if reseed:
-            torch.manual_seed(seed)
+def _branch_provider(case):
+    """Forward only, new draws every call; the caller forces the backend around forward and backward."""
+
+    def forward():
         return snell_linear(
             case.x, case.w0, case.b0, case.A, case.B, sparsity=case.sparsity, kernel="piecewise", pieces=PIECES,
             scale=SCALE, mode="reference", dropout=DROPOUT, drop_path=DROP_PATH, training=True,
@@ -422,7 +431,7 @@ def _bench_branch_case(T, n, m, dtype, device, full, notes):
     providers = [("full_ft", lambda: _full_ft_provider(case)), ("lora_dropout", lambda: _lora_dropout_provider(case))]
     for backend in ("torch", "triton", "cuda"):
         if _backend.available("snell.layer_forward", backend, torch.device(device)):
-            providers.append((f"pysnell_{backend}", lambda b=backend: _branch_provider(case, b, 0)))
+            providers.append((f"pysnell_{backend}", lambda: _branch_provider(case)))
     rows = []
     for name, make in providers:
         backend = name[len("pysnell_") :] if name.startswith("pysnell_") else None
@@ -433,27 +442,16 @@ def _bench_branch_case(T, n, m, dtype, device, full, notes):
             else:  # full FT's formulas are checked in the snell_layer group; LoRA's draws are its own
                 check = "ok: not checked here" if name == "full_ft" else "ok: random draws, not checked"
             if not check.startswith("ok"):
-                rows.append(harness.error_row(f"check failed: {check}", provider=name, **ident))
-                rows[-1].update(extra)
+                rows.append(_error_row(f"check failed: {check}", name, ident, extra))
                 continue
-
-            def step(forward=forward, backend=backend):
-                with harness.forced_backend(backend):
-                    y = forward()
-                    y.backward(case.dy)
-                    return y
-
+            step = _step_of(case, forward, backend)
             rows.append(
                 harness.measure(
                     step, provider=name, warmup=warmup, reps=reps, grad_to_none=leaves, check=check, **ident, **extra
                 )
             )
         except Exception as exc:  # noqa: BLE001 - one provider's failure is a row, the rest still run
-            if type(exc).__name__ == "ModuleTimeout":
-                raise
-            rows.append(harness.error_row(exc, provider=name, **ident))
-            rows[-1].update(extra)
-            notes.append(f"snell: {name} {label} {dtype}: {type(exc).__name__}: {exc}"[:300])
+            rows.append(_provider_failed(exc, name, label, dtype, ident, extra, notes))
         finally:
             for t in (case.x, case.A, case.B):
                 t.grad = None
