@@ -255,8 +255,9 @@ def test_branch_form_backends_agree_on_gpu(seed, backend, dtype):
         y = layer(x)
         grads = torch.autograd.grad(y, [x, layer.snell_A, layer.snell_B], G)
         results[name] = (y.float(), *(g.float() for g in grads))
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-3
+    # relative RMSE bounds of the SNELL benchmark's checks: output, then gradients
+    tols = (3e-2, 6e-2) if dtype == torch.bfloat16 else (1e-4, 5e-3)
     for name in ("triton", "cuda"):
-        for got, want in zip(results[name], results["torch"]):
-            err = (got - want).norm() / want.norm().clamp_min(1e-30)
-            assert err < tol, (name, float(err))
+        for i, (got, want) in enumerate(zip(results[name], results["torch"])):
+            err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+            assert err < tols[min(i, 1)], (name, i, err)
