@@ -6,7 +6,9 @@
   (cdist merge, torch.quantile threshold, ΔW·|ΔW|·mask, separate branch GEMM, branch
   checkpointed), r=8, sparsity 0.9, on the same layers, fused qkv not split;
 - pysnell_snell8: pysnell.inject with SNELLConfig(VIT_TARGETS, r=8, sparsity=0.9) (qkv gets
-  three thresholds, like the public code's separate q, k, v).
+  three thresholds, like the public code's separate q, k, v);
+- in the autocast settings also the reference's training recipe: pysnell_snell8_drop (Dropout 0.1
+  on each branch input, DropPath 0.1 on its output) next to peft_lora8_drop (lora_dropout 0.1).
 
 Full mode (GPU): timm vit_base_patch16_224 (random init, 100 classes) at batch 64 under bf16
 autocast and batch 32 in fp32, plus a two-layer LLaMA-7B-shaped decoder (transformers, random
@@ -33,6 +35,10 @@ from torch.utils.checkpoint import checkpoint
 from .harness import error_row, measure, peak_mib, rel_rmse
 
 METHODS = ("full_ft", "peft_lora8", "snell_ref", "pysnell_snell8")
+# The reference's training recipe regularises the branch (Dropout 0.1 on its input, DropPath 0.1 on its
+# output); peft LoRA's counterpart is lora_dropout. Timed in the autocast settings only (run time).
+DROPOUT_METHODS = ("peft_lora8_drop", "pysnell_snell8_drop")
+BRANCH_DROPOUT = 0.1
 BASELINE = "full_ft"
 RANK = 8
 SPARSITY = 0.9
@@ -226,18 +232,24 @@ def inject_ref_snell(model, spec, groups_of=None, threshold="quantile"):
     return model
 
 
-def inject_pysnell(model, spec):
+def inject_pysnell(model, spec, dropout=0.0):
     import pysnell
 
     names = _target_names(model, spec)
-    cfg = pysnell.SNELLConfig(target_modules=names, modules_to_save=spec.modules_to_save, r=RANK, sparsity=SPARSITY)
+    cfg = pysnell.SNELLConfig(
+        target_modules=names, modules_to_save=spec.modules_to_save, r=RANK, sparsity=SPARSITY, dropout=dropout,
+        drop_path=dropout,
+    )  # fmt: skip
     return pysnell.inject(model, cfg)
 
 
-def inject_lora(model, spec):
+def inject_lora(model, spec, dropout=0.0):
     import peft
 
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=spec.targets, modules_to_save=spec.modules_to_save)
+    cfg = peft.LoraConfig(
+        r=RANK, lora_alpha=RANK, target_modules=spec.targets, modules_to_save=spec.modules_to_save,
+        lora_dropout=dropout,
+    )  # fmt: skip
     return peft.get_peft_model(model, cfg)
 
 
@@ -251,6 +263,10 @@ def build_method(method, base, spec):
         return inject_ref_snell(model, spec)
     if method == "pysnell_snell8":
         return inject_pysnell(model, spec)
+    if method == "peft_lora8_drop":
+        return inject_lora(model, spec, BRANCH_DROPOUT)
+    if method == "pysnell_snell8_drop":
+        return inject_pysnell(model, spec, BRANCH_DROPOUT)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -355,7 +371,7 @@ def bench_method(spec, method, base, batch, snell_check: str, ident: dict) -> di
     import pysnell
 
     device, dtype = ident["device"], ident["dtype"]
-    if method == "pysnell_snell8" and not snell_check.startswith("ok"):
+    if method.startswith("pysnell_snell8") and not snell_check.startswith("ok"):
         raise AssertionError(snell_check)  # a result that disagrees with the reference is not timed
     # The shared base model and the batch stay allocated: not part of this method's footprint.
     held_mib = torch.cuda.memory_allocated() / 2**20 if torch.device(device).type == "cuda" else 0.0
@@ -367,6 +383,8 @@ def bench_method(spec, method, base, batch, snell_check: str, ident: dict) -> di
         check = _check_lora(spec, model, base, batch, device, dtype)
     elif method in ("snell_ref", "pysnell_snell8"):
         check = snell_check
+    elif method == "pysnell_snell8_drop":  # random draws: the layers' branch form is checked in ops_snell
+        check = "ok: loss finite; the same layers without dropout: " + snell_check
     step = make_step(spec, model, opt, batch, device, dtype)
     first = step().item()  # also surfaces errors (e.g. torch.quantile above 2^24) before timing
     if not math.isfinite(first):
@@ -385,7 +403,7 @@ def bench_method(spec, method, base, batch, snell_check: str, ident: dict) -> di
     )
     # Everything the method itself needs: weights, gradients, optimizer state and activations.
     row["peak_total_mib"] = peak_mib(step, device=device, absolute=True) - held_mib
-    if method == "pysnell_snell8":
+    if method.startswith("pysnell_snell8"):
         row["backend"] = pysnell.last_backend("snell.layer_forward")
     return row
 
@@ -417,7 +435,7 @@ def bench_spec(spec: ModelSpec, device: str, methods=METHODS) -> list[dict]:
         if snell_check.startswith("ok"):
             fp32_done = fp32_done or snell_check.split("; fp32 ")[-1]
         _release(device)
-        for method in methods:
+        for method in methods + (DROPOUT_METHODS if dtype != torch.float32 else ()):
             try:
                 rows.append(bench_method(spec, method, base, batch, snell_check, ident))
             except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
