@@ -209,6 +209,24 @@ def test_forward_saves_bits_not_the_dropped_input(seed, backend, backend_name):
     assert nbytes == plain_bytes + T * ref.packed_width(n) + T * 4  # bits + row scales
 
 
+def test_layers_reading_one_input_save_it_once(seed):
+    """q, k, v-style layers over one x: x is saved once (shared storage), each layer adds only its bits."""
+    T, n = 30, 16
+    x = torch.randn(T, n, requires_grad=True)
+    layers = [_layer(8, n, dtype=torch.float32, dropout=0.1).train() for _ in range(3)]
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = [layer(x) for layer in layers]
+    big = [nbytes for nbytes in storages.values() if nbytes >= T * n * 4]
+    assert big == [T * n * 4]  # x, once; no dropped copy per layer
+    assert sum(o.sum() for o in outs).requires_grad
+
+
 def test_functional_rejects_bad_rates():
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     A, B = torch.randn(2, 4), torch.randn(5, 2)
