@@ -99,9 +99,17 @@ def _steps():
     dy = torch.randn(TOKENS, OUT_F)  # a real gradient (sum()'s is an expanded view that some paths copy)
     dense = torch.nn.Linear(IN_F, OUT_F)
     snell = pysnell.SNELLLinear(torch.nn.Linear(IN_F, OUT_F), r=8, sparsity=0.9)
+    # the reference's training recipe: the branch form (keep bits drawn, packed and applied per step)
+    snell_drop = pysnell.SNELLLinear(torch.nn.Linear(IN_F, OUT_F), r=8, sparsity=0.9, dropout=0.1, drop_path=0.1)
     monarch = pysnell.MonarchLinear(IN_F, OUT_F, nblocks=4)
     out = []
-    for name, layer in (("nn.Linear (full FT)", dense), ("SNELLLinear r=8", snell), ("MonarchLinear nb=4", monarch)):
+    layers = (
+        ("nn.Linear (full FT)", dense),
+        ("SNELLLinear r=8", snell),
+        ("SNELLLinear r=8, dropout + drop-path (training)", snell_drop.train()),
+        ("MonarchLinear nb=4", monarch),
+    )
+    for name, layer in layers:
         params = [p for p in layer.parameters() if p.requires_grad]
 
         def fwd(layer=layer):
