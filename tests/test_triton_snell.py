@@ -421,6 +421,13 @@ for kernel, dtype, groups, r in json.loads(sys.argv[1]):
         ts.layer_backward(dy, x, W, A, B, params, spec, 0.9, torch.zeros(groups), (True,) * 9)
     for fn, _, _, _, k in calls:
         report.append(dict(case=[kernel, str(dtype), groups, r], kernel=fn.__name__, **resource_usage(k)))
+for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the branch form's keep-mask kernels
+    with compile_only() as calls:
+        bits = ts.dropout_pack(torch.rand(T, n + 3) < 0.5)
+        for b in (bits, None):
+            ts.dropout_apply(torch.randn(T, n + 3).to(dtype), b, torch.rand(T))
+    for fn, _, _, _, k in calls:
+        report.append(dict(case=["dropout", str(dtype)], kernel=fn.__name__, **resource_usage(k)))
 print(json.dumps(report))
 """
 
@@ -469,6 +476,8 @@ def test_kernels_compile_for_sm90_without_heavy_spills(tmp_path):
         "_backward_kernel",
         "_reduce_kernel",
         "_column_pass_kernel",
+        "_dropout_pack_kernel",
+        "_dropout_apply_kernel",
     } <= kernels
     for r in report:
         assert r["stack"] <= _MAX_SPILL, f"register spills: {r}"
