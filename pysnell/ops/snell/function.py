@@ -8,8 +8,9 @@ Backend ops (same signature in every backend):
       -> (dx2, dweight, dbias, dA, dB, dcoeffs, dalpha, dbeta, dgamma)
 - "snell.dropout_pack"(keep (T, n) bool) -> bits (T, ⌈n/8⌉) uint8
 - "snell.dropout_apply"(v2 (T, n), bits or None, row_scale (T,) float32) -> v2 ⊙ D in v2's dtype
-The layer Function saves only x, the factors, the kernel scalars and the thresholds; every
-backend recomputes ΔW (or its tiles) in backward instead of saving anything m×n.
+The layer Function saves only x, the factors, the kernel scalars and the thresholds (the branch form
+in training adds its keep bits and row scales); every backend recomputes ΔW (or its tiles) in backward
+instead of saving anything m×n.
 """
 
 from __future__ import annotations
@@ -211,12 +212,15 @@ class SNELLBranchFunction(torch.autograd.Function):
             dy2, xd, None, A, B, params, ctx.spec, sparsity, t, (need_x, False, need_b) + needs_factor
         )
         del xd
+        dx_branch, dbias, factor_grads = grads[0], grads[2], grads[3:]
+        del grads  # dx_branch is freed once masked: not alive during the frozen GEMM below
         dx = dweight = None
         if need_x:
-            dx2 = _library.snell_dropout_apply(grads[0], bits, row_scale)
+            dx2 = _library.snell_dropout_apply(dx_branch, bits, row_scale)
+            del dx_branch
             if weight is not None:
                 dx2.addmm_(dy2, weight.to(dy2.dtype))
             dx = dx2.reshape(x.shape).to(x.dtype)
         if need_w:
             dweight = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
-        return (dx, dweight, grads[2]) + _param_grads(ctx, grads[3:], 3) + (None,) * 4
+        return (dx, dweight, dbias) + _param_grads(ctx, factor_grads, 3) + (None,) * 4
