@@ -116,6 +116,9 @@ def _snell_rows(cases, device, dtype, on_row) -> list[dict]:
         for backend in ("triton", "cuda") if device != "cpu" else ("triton", "torch"):
             if _backend.available("snell.layer_forward", backend, torch.device(device)):
                 providers.append((f"pysnell_{backend}", backend, ops_snell._pysnell_provider(case, backend)))
+        # the training branch form (dropout and drop-path 0.1) on the backend "auto" picks: its extra
+        # elementwise passes and GEMMs, next to the fused step above
+        providers.append(("pysnell_auto_dropout", None, ops_snell._branch_provider(case)))
         for name, backend, (forward, leaves) in providers:
 
             def step(forward=forward, backend=backend, dy=case.dy):

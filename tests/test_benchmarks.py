@@ -318,6 +318,7 @@ def test_step_profile_quick_writes_its_table(tmp_path):
     data = json.loads((tmp_path / "profile.json").read_text())
     providers = {(r["op"], r["provider"]) for r in data["rows"]}
     assert {("snell_layer", "full_ft"), ("snell_layer", "pysnell_torch"), ("monarch", "dense")} <= providers
+    assert ("snell_layer", "pysnell_auto_dropout") in providers
     assert {("tinyvit_train_step", m) for m in ("full_ft", "peft_lora8", "pysnell_snell8")} <= providers
     for row in data["rows"]:
         assert "error" not in row, row
