@@ -227,6 +227,21 @@ def test_layers_reading_one_input_save_it_once(seed):
     assert sum(o.sum() for o in outs).requires_grad
 
 
+def test_activation_checkpointing_replays_the_same_draws(seed):
+    """torch.utils.checkpoint restores the generator for its recomputation: the draws come from it."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _layer(10, 12, dtype=torch.float32, dropout=0.3, drop_path=0.3).train()
+    x = torch.randn(4, 5, 12, requires_grad=True)
+    results = []
+    for wrap in (lambda f, v: f(v), lambda f, v: checkpoint(f, v, use_reentrant=False)):
+        torch.manual_seed(seed)
+        y = wrap(layer, x)
+        results.append((y, *torch.autograd.grad(y.square().sum(), [x, layer.snell_A, layer.snell_B])))
+    for plain, ckpt in zip(*results):
+        torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
+
+
 def test_functional_rejects_bad_rates():
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     A, B = torch.randn(2, 4), torch.randn(5, 2)
