@@ -209,6 +209,21 @@ def test_forward_saves_bits_not_the_dropped_input(seed, backend, backend_name):
     assert nbytes == plain_bytes + T * ref.packed_width(n) + T * 4  # bits + row scales
 
 
+def test_backward_holds_at_most_two_input_sized_buffers(seed, backend):
+    """The Triton backend's backward transient peak (CPU allocator): x ⊙ D rebuilt next to the branch's
+    dx, then that dx next to its masked copy (x ⊙ D freed first), never three T×n buffers at once.
+    (The torch reference is not lean: its masking makes float temporaries.)"""
+    from test_layers import _peak_and_retained_bytes
+
+    backend.set_backend("triton")
+    T, n, m = 512, 128, 16  # T×n dominates everything else
+    x = torch.randn(T, n, requires_grad=True)
+    layer = _layer(m, n, dtype=torch.float32, dropout=0.1, drop_path=0.1).train()
+    y = layer(x)
+    peak, _ = _peak_and_retained_bytes(lambda: y.backward(torch.randn(T, m)))
+    assert peak < 2.5 * T * n * 4, peak / (T * n * 4)
+
+
 def test_layers_reading_one_input_save_it_once(seed):
     """q, k, v-style layers over one x: x is saved once (shared storage), each layer adds only its bits."""
     T, n = 30, 16
