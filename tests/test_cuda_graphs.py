@@ -79,6 +79,42 @@ def test_snell_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name, d
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
+def test_snell_branch_form_step_replays_in_a_cuda_graph(seed, backend, backend_name):
+    """Training with dropout and drop-path: the draws (torch's generator, graph-safe) and the keep-mask
+    kernels capture. A replay after torch.manual_seed(s) must repeat itself exactly, its dropout must
+    act (it differs from the fused form's output), and its gradients must be finite."""
+    _need("snell.layer_forward", backend_name)
+    backend.set_backend(backend_name)
+    layer = pysnell.SNELLLinear(nn.Linear(96, 80), r=8, sparsity=0.9, dropout=0.2, drop_path=0.2).cuda().train()
+    with torch.no_grad():
+        layer.snell_A.normal_(0, 0.3)
+        layer.snell_B.normal_(0, 0.3)
+    x = torch.randn(4, 25, 96, device="cuda", requires_grad=True)
+    dy = torch.randn(4, 25, 80, device="cuda")
+    grads_of = [x, layer.snell_A, layer.snell_B]
+
+    def step():
+        y = layer(x)
+        y.backward(dy)
+        return y
+
+    graph, out = cuda_graph(step, grads_of)
+    replays = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append([out.detach().clone()] + [t.grad.clone() for t in grads_of])
+    for a, b in zip(*replays):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(t).all() for t in replays[0])
+    with torch.no_grad():
+        fused = layer.eval()(x)
+    assert not torch.allclose(replays[0][0], fused, atol=1e-4)
+    assert _backend.last_backend("snell.dropout_apply") is not None
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
 def test_monarch_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name):
     _need("monarch.forward", backend_name)
     backend.set_backend(backend_name)
