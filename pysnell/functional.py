@@ -7,7 +7,14 @@ import contextlib
 import torch
 
 from . import _library
-from ._checks import check_choice, check_float_tensor, check_positive_int, check_same_device, check_sparsity_arg
+from ._checks import (
+    check_choice,
+    check_drop_rate,
+    check_float_tensor,
+    check_positive_int,
+    check_same_device,
+    check_sparsity_arg,
+)
 from .ops.monarch.function import monarch_matmul, monarch_project  # noqa: F401 (re-export)
 from .ops.snell import reference as ref
 from .ops.snell.function import (
@@ -130,12 +137,6 @@ def _common_dtype(A, B):
     return A.to(dt), B.to(dt)
 
 
-def _check_drop_rate(name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
-    return float(p)
-
-
 def branch_regularisation(x: torch.Tensor, in_features: int, dropout: float, drop_path: float):
     """Draw the branch form's D = keep bits × row scale (reference.dropout_apply) for x (..., n):
     Dropout(dropout) on each element of the branch input, DropPath(drop_path) on each sample (index
@@ -208,7 +209,7 @@ def snell_linear(
             raise ValueError(f"bias must have shape (out={B.shape[0]},), got {tuple(bias.shape)}")
     check_choice("mode", mode, ref.MODES)
     check_sparsity_arg(sparsity)
-    dropout, drop_path = _check_drop_rate("dropout", dropout), _check_drop_rate("drop_path", drop_path)
+    dropout, drop_path = check_drop_rate("dropout", dropout), check_drop_rate("drop_path", drop_path)
     optional = {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
     check_same_device(x=x, A=A, B=B, **optional)
     dev = x.device.type

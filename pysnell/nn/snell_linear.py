@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import functional as PF
-from .._checks import check_choice, check_positive_int, check_sparsity, check_sparsity_arg
+from .._checks import check_choice, check_drop_rate, check_positive_int, check_sparsity, check_sparsity_arg
 from ..ops.snell import reference as ref
 
 
@@ -46,16 +46,15 @@ class SNELLLinear(nn.Module):
         check_choice("kernel", kernel, ref.KERNELS)
         check_choice("mode", mode, ref.MODES)
         s = check_sparsity(sparsity)
-        for name, p in (("dropout", dropout), ("drop_path", drop_path)):
-            if not 0.0 <= float(p) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        rates = check_drop_rate("dropout", dropout), check_drop_rate("drop_path", drop_path)  # before base is touched
         m, n = base.out_features, base.in_features
         if isinstance(out_groups, bool) or not isinstance(out_groups, int) or out_groups < 1 or m % out_groups:
             raise ValueError(f"out_groups must be a positive int dividing out_features={m}, got {out_groups!r}")
         self.base = base
         base.requires_grad_(False)
         self.r, self.pieces, self.scale, self.kernel, self.mode = r, pieces, float(scale), kernel, mode
-        self.dropout, self.drop_path, self.out_groups = float(dropout), float(drop_path), out_groups
+        self.dropout, self.drop_path = rates
+        self.out_groups = out_groups
         self.learnable_coeffs = bool(learnable_coeffs)
         dev = base.weight.device
         d = r // pieces

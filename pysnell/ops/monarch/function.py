@@ -61,7 +61,6 @@ class MonarchMatmulFunction(torch.autograd.Function):
         # Through the custom op: it picks the backend at run time (opaque to torch.compile).
         y2 = _library.monarch_forward(x2, w1, w2, bias, out_features)
         ctx.save_for_backward(x, w1, w2)
-        ctx.has_bias = bias is not None
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod

@@ -156,7 +156,6 @@ class SNELLLinearFunction(torch.autograd.Function):
         y2, t = _library.snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity)
         ctx.save_for_backward(x, weight, A, B, coeffs, alpha, beta, gamma, t, _saved_sparsity(sparsity))
         ctx.spec, ctx.sparsity = spec, sparsity
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
