@@ -164,13 +164,14 @@ def _reference_provider(case, threshold_fn, compiled=False):
     return forward, [case.x, case.A, case.B]
 
 
-def _pysnell_provider(case, backend):
-    """Forward only; the caller forces the backend around forward and backward."""
+def _pysnell_provider(case, dropout=0.0):
+    """Forward only; the caller forces the backend around forward and backward. dropout > 0: the
+    training branch form with Dropout and DropPath at that rate (new draws every call)."""
 
     def forward():
         return snell_linear(
             case.x, case.w0, case.b0, case.A, case.B, sparsity=case.sparsity, kernel="piecewise",
-            pieces=PIECES, scale=SCALE, mode="reference",
+            pieces=PIECES, scale=SCALE, mode="reference", dropout=dropout, drop_path=dropout, training=dropout > 0,
         )  # fmt: skip
 
     return forward, [case.x, case.A, case.B]
@@ -186,12 +187,14 @@ def _full_ft_provider(case):
     return forward, [case.x, W, b]
 
 
-def _lora_provider(case):
+def _lora_provider(case, dropout=0.0):
+    """LoRA; dropout > 0 drops its input as peft's lora_dropout does."""
     A = (case.A.detach() / 8).to(case.dtype).requires_grad_()
     B = (case.B.detach() / 8).to(case.dtype).requires_grad_()
 
     def forward():
-        return F.linear(case.x, case.w0, case.b0) + F.linear(F.linear(case.x, A), B)
+        x = F.dropout(case.x, dropout) if dropout else case.x
+        return F.linear(case.x, case.w0, case.b0) + F.linear(F.linear(x, A), B)
 
     return forward, [case.x, A, B]
 
@@ -215,7 +218,6 @@ def _check(name, case, forward, leaves, oracle, backend) -> str:
 
 def _judge(name, case, y, leaves, oracle) -> str:
     """y and the leaves' gradients against the fp32 oracle: "ok: ..." or the reason they fail."""
-    tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
     if name == "full_ft":
         W, b = leaves[1], leaves[2]
         want = [F.linear(case.x.detach().float(), W.detach().float(), b.detach().float()),
@@ -231,10 +233,16 @@ def _judge(name, case, y, leaves, oracle) -> str:
         y_o, dx_o, dA_o, dB_o = oracle
         want = [y_o, dx_o, dA_o, dB_o]
         got = [y, case.x.grad, case.A.grad, case.B.grad]
-    errs = [harness.rel_rmse(g, w) for g, w in zip(got, want)]
     if name == "pysnell_torch" and case.dtype == torch.float32:
         return "ok: is the oracle (pysnell's torch backend in fp32), not checked against itself"
+    return _verdict(case, got, want)
+
+
+def _verdict(case, got, want) -> str:
+    """Output, then gradients (dx, dA, dB), against the oracle's within the dtype's tolerances."""
+    tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
     labels = ("y", "dx", "dA", "dB")
+    errs = [harness.rel_rmse(g, w) for g, w in zip(got, want)]
     for i, err in enumerate(errs):
         if not math.isfinite(err) or err > (tol_y if i == 0 else tol_g):
             return f"{labels[i]} rel-RMSE {err:.2e} > {tol_y if i == 0 else tol_g:.0e}"
@@ -275,13 +283,13 @@ def _providers(case, full, cuda, compiled_only):
     out.append(("snell_topk_eager", lambda: _reference_provider(case, _topk_threshold)))
     for backend in ("torch", "triton", "cuda"):
         if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
-            out.append((f"pysnell_{backend}", lambda b=backend: _pysnell_provider(case, b)))
+            out.append((f"pysnell_{backend}", lambda: _pysnell_provider(case)))
     if full and cuda and case.dtype == torch.bfloat16 and case.r == 8:
         # the same steps replayed from a CUDA graph: GPU time alone, no host cost
         out.append(("full_ft" + GRAPH, lambda: _full_ft_provider(case)))
         for backend in ("triton", "cuda"):
             if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
-                out.append((f"pysnell_{backend}{GRAPH}", lambda b=backend: _pysnell_provider(case, b)))
+                out.append((f"pysnell_{backend}{GRAPH}", lambda: _pysnell_provider(case)))
     return out
 
 
@@ -369,29 +377,8 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
 
 
 TRAIN_OP = "snell_layer_train"
-DROPOUT = DROP_PATH = 0.1
-
-
-def _branch_provider(case):
-    """Forward only, new draws every call; the caller forces the backend around forward and backward."""
-
-    def forward():
-        return snell_linear(
-            case.x, case.w0, case.b0, case.A, case.B, sparsity=case.sparsity, kernel="piecewise", pieces=PIECES,
-            scale=SCALE, mode="reference", dropout=DROPOUT, drop_path=DROP_PATH, training=True,
-        )  # fmt: skip
-
-    return forward, [case.x, case.A, case.B]
-
-
-def _lora_dropout_provider(case):
-    A = (case.A.detach() / 8).to(case.dtype).requires_grad_()
-    B = (case.B.detach() / 8).to(case.dtype).requires_grad_()
-
-    def forward():
-        return F.linear(case.x, case.w0, case.b0) + F.linear(F.linear(F.dropout(case.x, DROPOUT), A), B)
-
-    return forward, [case.x, A, B]
+DROPOUT = 0.1  # on the branch input, and DropPath at the same rate on its output
+DRAW_SEED = 0  # the branch check's draws
 
 
 def _branch_check(case, forward, backend) -> str:
@@ -399,39 +386,34 @@ def _branch_check(case, forward, backend) -> str:
     x32 = case.x.detach().float().requires_grad_()
     A32, B32 = case.A.detach().clone().requires_grad_(), case.B.detach().clone().requires_grad_()
     with harness.forced_backend("torch"):
-        seed = torch.initial_seed() % 2**31
-        torch.manual_seed(seed)
+        torch.manual_seed(DRAW_SEED)
         want = snell_linear(
             x32, case.w0.float(), case.b0.float(), A32, B32, sparsity=case.sparsity, kernel="piecewise",
-            pieces=PIECES, scale=SCALE, mode="reference", dropout=DROPOUT, drop_path=DROP_PATH, training=True,
+            pieces=PIECES, scale=SCALE, mode="reference", dropout=DROPOUT, drop_path=DROPOUT, training=True,
         )  # fmt: skip
         want_grads = torch.autograd.grad(want, [x32, A32, B32], case.dy.float())
     with harness.forced_backend(backend):
-        torch.manual_seed(seed)
+        torch.manual_seed(DRAW_SEED)
         y = forward()
         got_grads = torch.autograd.grad(y, [case.x, case.A, case.B], case.dy)
-        if _backend.last_backend("snell.dropout_apply") not in (backend, "triton", "torch"):
-            return f"snell.dropout_apply ran on {_backend.last_backend('snell.dropout_apply')}"
-    tol_y, tol_g = TOLERANCE.get(case.dtype, TOLERANCE[torch.bfloat16])
-    labels = ("y", "dx", "dA", "dB")
-    errs = [harness.rel_rmse(g, w) for g, w in zip((y, *got_grads), (want, *want_grads))]
-    for i, err in enumerate(errs):
-        if not math.isfinite(err) or err > (tol_y if i == 0 else tol_g):
-            return f"{labels[i]} rel-RMSE {err:.2e} > {tol_y if i == 0 else tol_g:.0e}"
-    return "ok: rel-RMSE " + ", ".join(f"{labels[i]} {e:.1e}" for i, e in enumerate(errs))
+        ops = ("snell.layer_forward", "snell.layer_backward", "snell.dropout_apply")
+        ran = tuple(_backend.last_backend(op) for op in ops)
+        if ran != (backend,) * len(ops):
+            return f"backend {backend} requested, {dict(zip(ops, ran))} ran"
+    return _verdict(case, (y, *got_grads), (want, *want_grads))
 
 
 def _bench_branch_case(T, n, m, dtype, device, full, notes):
     """Training with dropout and drop-path (op snell_layer_train): time and peak memory of one fwd+bwd."""
     case = _Case(T, n, m, 8, dtype, device)
-    label = f"T{T}-{n}x{m}-r8-drop{DROPOUT}-path{DROP_PATH}"
+    label = f"T{T}-{n}x{m}-r8-drop{DROPOUT}-path{DROPOUT}"
     ident = {"op": TRAIN_OP, "case": label, "baseline": BASELINE, "dtype": dtype, "device": device, "pass_": "fwd+bwd"}
     extra = {"size": m * n, "tokens": T, "in_features": n, "out_features": m, "r": 8, "sparsity": SPARSITY}
     reps, warmup = (10, 3) if full else (2, 1)
-    providers = [("full_ft", lambda: _full_ft_provider(case)), ("lora_dropout", lambda: _lora_dropout_provider(case))]
+    providers = [("full_ft", lambda: _full_ft_provider(case)), ("lora_dropout", lambda: _lora_provider(case, DROPOUT))]
     for backend in ("torch", "triton", "cuda"):
         if _backend.available("snell.layer_forward", backend, torch.device(device)):
-            providers.append((f"pysnell_{backend}", lambda: _branch_provider(case)))
+            providers.append((f"pysnell_{backend}", lambda: _pysnell_provider(case, DROPOUT)))
     rows = []
     for name, make in providers:
         backend = name[len("pysnell_") :] if name.startswith("pysnell_") else None

@@ -115,10 +115,10 @@ def _snell_rows(cases, device, dtype, on_row) -> list[dict]:
         # the torch backend is the reference (17-240x full FT on an H200): profiled in quick runs only
         for backend in ("triton", "cuda") if device != "cpu" else ("triton", "torch"):
             if _backend.available("snell.layer_forward", backend, torch.device(device)):
-                providers.append((f"pysnell_{backend}", backend, ops_snell._pysnell_provider(case, backend)))
+                providers.append((f"pysnell_{backend}", backend, ops_snell._pysnell_provider(case)))
         # the training branch form (dropout and drop-path 0.1) on the backend "auto" picks: its extra
         # elementwise passes and GEMMs, next to the fused step above
-        providers.append(("pysnell_auto_dropout", None, ops_snell._branch_provider(case)))
+        providers.append(("pysnell_auto_dropout", None, ops_snell._pysnell_provider(case, ops_snell.DROPOUT)))
         for name, backend, (forward, leaves) in providers:
 
             def step(forward=forward, backend=backend, dy=case.dy):
