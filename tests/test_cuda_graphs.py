@@ -49,24 +49,30 @@ def _assert_same(replayed, eager, what):
         torch.testing.assert_close(r, e, **tol, msg=lambda m, i=i: f"{what} output {i}: {m}")
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_snell_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name, dtype):
-    _need("snell.layer_forward", backend_name)
-    backend.set_backend(backend_name)
-    layer = pysnell.SNELLLinear(nn.Linear(96, 80).to(dtype), r=8, sparsity=0.9).cuda()  # fp32 factors
+def _snell_step(layer, lead, dtype):
+    """(x, dy, the tensors whose gradients a step writes, the fwd+bwd step) for an SNELLLinear layer,
+    its factors spread so that the kept set is well defined."""
     with torch.no_grad():
         layer.snell_A.normal_(0, 0.3)
         layer.snell_B.normal_(0, 0.3)
-    x = torch.randn(50, 96, device="cuda", dtype=dtype, requires_grad=True)
-    dy = torch.randn(50, 80, device="cuda", dtype=dtype)
-    grads_of = [x, layer.snell_A, layer.snell_B]
+    x = torch.randn(*lead, layer.in_features, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(*lead, layer.out_features, device="cuda", dtype=dtype)
 
     def step():
         y = layer(x)
         y.backward(dy)
         return y
 
+    return x, dy, [x, layer.snell_A, layer.snell_B], step
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_snell_layer_step_replays_in_a_cuda_graph(seed, backend, backend_name, dtype):
+    _need("snell.layer_forward", backend_name)
+    backend.set_backend(backend_name)
+    layer = pysnell.SNELLLinear(nn.Linear(96, 80).to(dtype), r=8, sparsity=0.9).cuda()  # fp32 factors
+    x, dy, grads_of, step = _snell_step(layer, (50,), dtype)
     graph, out = cuda_graph(step, grads_of)
     with torch.no_grad():  # the next batch, and an optimizer step on the factors
         x.copy_(torch.randn_like(x))
@@ -86,18 +92,7 @@ def test_snell_branch_form_step_replays_in_a_cuda_graph(seed, backend, backend_n
     _need("snell.layer_forward", backend_name)
     backend.set_backend(backend_name)
     layer = pysnell.SNELLLinear(nn.Linear(96, 80), r=8, sparsity=0.9, dropout=0.2, drop_path=0.2).cuda().train()
-    with torch.no_grad():
-        layer.snell_A.normal_(0, 0.3)
-        layer.snell_B.normal_(0, 0.3)
-    x = torch.randn(4, 25, 96, device="cuda", requires_grad=True)
-    dy = torch.randn(4, 25, 80, device="cuda")
-    grads_of = [x, layer.snell_A, layer.snell_B]
-
-    def step():
-        y = layer(x)
-        y.backward(dy)
-        return y
-
+    x, dy, grads_of, step = _snell_step(layer, (4, 25), torch.float32)
     graph, out = cuda_graph(step, grads_of)
     replays = []
     for _ in range(2):
@@ -111,7 +106,7 @@ def test_snell_branch_form_step_replays_in_a_cuda_graph(seed, backend, backend_n
     with torch.no_grad():
         fused = layer.eval()(x)
     assert not torch.allclose(replays[0][0], fused, atol=1e-4)
-    assert _backend.last_backend("snell.dropout_apply") is not None
+    assert _backend.last_backend("snell.dropout_apply") == backend_name
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
