@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..topk.reference import pack_mask, unpack_mask
+
 KERNELS = ("piecewise", "linear", "rbf", "sigmoid", "snella")
 MODES = ("reference", "paper", "mask")
 # Kernels with learnable scalars (α, β, γ) and their initial values (spec §2).
@@ -260,21 +262,18 @@ def packed_width(n: int) -> int:
 
 
 def dropout_pack(keep: torch.Tensor) -> torch.Tensor:
-    """Pack a bool (T, n) keep mask into (T, ⌈n/8⌉) uint8 (bit j % 8 of byte j // 8)."""
+    """Pack a bool (T, n) keep mask into (T, ⌈n/8⌉) uint8 (bit j % 8 of byte j // 8): top-k's packed
+    mask layout, row by row (each row padded to whole bytes)."""
     if keep.dim() != 2 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a 2-D (T, n) bool mask, got {keep.dtype} of shape {tuple(keep.shape)}")
     T, n = keep.shape
-    pad = packed_width(n) * 8 - n
-    k = keep.to(torch.uint8)
-    if pad:
-        k = torch.cat([k, k.new_zeros(T, pad)], dim=1)
-    shifts = torch.arange(8, dtype=torch.uint8, device=keep.device)
-    return (k.view(T, packed_width(n), 8) << shifts).sum(2, dtype=torch.uint8)
+    nb = packed_width(n)
+    return pack_mask(torch.nn.functional.pad(keep, (0, nb * 8 - n))).view(T, nb)
 
 
 def dropout_unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return ((bits.unsqueeze(2) >> shifts) & 1).reshape(bits.shape[0], bits.shape[1] * 8)[:, :n].bool()
+    T, nb = bits.shape
+    return unpack_mask(bits.reshape(-1), T * nb * 8).view(T, nb * 8)[:, :n]
 
 
 def check_dropout_args(v: torch.Tensor, bits, row_scale: torch.Tensor) -> None:
