@@ -9,6 +9,11 @@
 #   PYSNELL_GIT_REV    the commit, for a tree copied without .git (else a hash of the sources)
 #   GPU_RUN_OPS        modules for the benchmark runner (default: all: topk,monarch,snell,model)
 #   GPU_RUN_MICRO=1    also run the pytest-benchmark micro-benchmarks (off by default: time)
+#   GPU_RUN_STEPS      which of tests,profile,bench run after install and build (default: all three)
+#   GPU_RUN_TEST_S     the GPU tests' time cap in seconds (default 180)
+#   GPU_RUN_TEST_ARGS  extra pytest arguments, e.g. test ids to rerun (default: every gpu-marked test)
+# The GPU tests log each outcome and duration as it finishes to $OUT/tests.log, with the traceback
+# of each failure, so a run cut off by its time limit still names what failed and what was slow.
 # Every step runs even when an earlier one failed; the status of each is printed, then the
 # summary table LAST. Full output of every step: $OUT/run.log.
 
@@ -112,10 +117,16 @@ PYEOF
 
 # 3. GPU tests (collect every failure in this one call rather than stopping at the first), in 8
 #    processes when pytest-xdist is there (the GPU image has it; ~100 s instead of several minutes).
+STEPS=",${GPU_RUN_STEPS:-tests,profile,bench},"
 XDIST=()
-$PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-run_step "3/5 GPU tests" "$(budget_for 180 290)" \
-    $PY -m pytest -m gpu tests -q --maxfail=25 -p no:cacheprovider -rfE --durations=10 "${XDIST[@]}"
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)
+export PYSNELL_TEST_LOG="$OUT/tests.log"
+if [[ "$STEPS" == *,tests,* ]]; then
+    # shellcheck disable=SC2086 # GPU_RUN_TEST_ARGS is a list of words
+    run_step "3/5 GPU tests" "$(budget_for "${GPU_RUN_TEST_S:-180}" 290)" \
+        $PY -m pytest -m gpu -q --maxfail=25 -p no:cacheprovider -rfE --durations=10 "${XDIST[@]}" \
+        ${GPU_RUN_TEST_ARGS:-tests}
+fi
 
 # 3b. Optional micro-benchmarks.
 if [[ "${GPU_RUN_MICRO:-0}" == "1" ]]; then
@@ -124,7 +135,9 @@ if [[ "${GPU_RUN_MICRO:-0}" == "1" ]]; then
 fi
 
 # 3c. Step profile: host vs GPU time and the heaviest kernels of one layer step (profile.md in $OUT).
-run_step "3c step profile" "$(budget_for 90 200)" $PY -m benchmarks.profile_gpu --out "$OUT"
+if [[ "$STEPS" == *,profile,* ]]; then
+    run_step "3c step profile" "$(budget_for 90 200)" $PY -m benchmarks.profile_gpu --out "$OUT"
+fi
 
 # 4. Full benchmarks into benchmarks/results/<card>/ (rewritten after every module).
 CARD_DIR=$($PY -c "import torch; from benchmarks.runner import RESULTS_DIR, slug; print(RESULTS_DIR / slug(torch.cuda.get_device_name()))" 2>>"$LOG")
@@ -132,8 +145,10 @@ CARD_DIR=${CARD_DIR:-benchmarks/results/unknown-gpu}
 BENCH_S=$(budget_for 400 15)
 OPS_ARGS=()
 [[ -n "${GPU_RUN_OPS:-}" ]] && OPS_ARGS=(--ops "$GPU_RUN_OPS")
-run_step "4/5 benchmarks --full" "$BENCH_S" \
-    $PY -m benchmarks --full --out "$CARD_DIR" --budget-s $((BENCH_S - 10)) "${OPS_ARGS[@]}"
+if [[ "$STEPS" == *,bench,* ]]; then
+    run_step "4/5 benchmarks --full" "$BENCH_S" \
+        $PY -m benchmarks --full --out "$CARD_DIR" --budget-s $((BENCH_S - 10)) "${OPS_ARGS[@]}"
+fi
 
 # 5. Results to $OUT (at most 8 files: extra plots go into one tarball).
 {

@@ -120,6 +120,9 @@ def cuda_graph(step, grads_of=()):
     caches and the CUDA build happen there); returns (graph, step's output inside the graph). A
     captured backward allocates the gradients of `grads_of` from the graph's pool, and every replay
     rewrites them there."""
+    global _capture_failure
+    if _capture_failure is not None:
+        raise RuntimeError(f"not captured: an earlier capture in this process failed ({_capture_failure})")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -129,9 +132,18 @@ def cuda_graph(step, grads_of=()):
     torch.cuda.current_stream().wait_stream(side)
     _clear_grads(grads_of)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+    except Exception as exc:
+        # A failed capture leaves the CUDA generator mid-capture, so every later capture (and any
+        # later draw) in this process fails too: refuse further captures with the first reason.
+        _capture_failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        raise
     return graph, out
+
+
+_capture_failure = None
 
 
 def peak_mib(fn, *, device: str, absolute: bool = False, grad_to_none=None) -> float:

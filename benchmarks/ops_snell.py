@@ -364,6 +364,9 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
                     fwd_k, fwd_m = _count_launches(forward, device)
                     y = forward()
                     bwd_k, bwd_m = _count_launches(functools.partial(y.backward, case.dy), device)
+                    # y's autograd graph holds the leaves' AccumulateGrad nodes, made on this (default)
+                    # stream: alive, they break a later capture of the same leaves on a side stream.
+                    del y
                 row.update(launches_fwd=fwd_k, memsets_fwd=fwd_m, launches_bwd=bwd_k, memsets_bwd=bwd_m)
             rows.append(row)
         except Exception as exc:  # noqa: BLE001 - one provider's failure is a row, the rest still run

@@ -45,3 +45,17 @@ def backend():
     before = pysnell.get_backend()
     yield pysnell
     pysnell.set_backend(before)
+
+
+# PYSNELL_TEST_LOG=<file>: append each test's outcome and duration (and a failure's traceback) as it
+# finishes, so a device run that hits its time limit still says what failed and what was slow.
+_TEST_LOG = os.environ.get("PYSNELL_TEST_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if not _TEST_LOG or (report.when != "call" and not report.failed):
+        return
+    with open(_TEST_LOG, "a") as log:
+        log.write(f"{report.outcome.upper():7s} {report.duration:7.2f}s {report.nodeid} ({report.when})\n")
+        if report.failed:
+            log.write(report.longreprtext[-6000:] + "\n" + "-" * 80 + "\n")
