@@ -31,8 +31,9 @@ _load_errors: dict[str, str] = {}
 _last_used: dict[str, str] = {}
 _warned: set[tuple] = set()
 _lock = threading.Lock()
-# Ops whose "auto" choice was measured to prefer another backend than the default order.
-_auto_preference: dict[str, tuple[str, ...]] = {}
+# Ops whose "auto" choice was measured to prefer another backend than the default order: per op, size
+# tiers ((largest size or None, order), ...), smallest first; a plain order is one tier for every size.
+_auto_preference: dict[str, tuple[tuple[int | None, tuple[str, ...]], ...]] = {}
 
 
 def _env_backend() -> str:
@@ -76,9 +77,30 @@ def register_loader(backend: str, loader: Callable[[], None]) -> None:
     _loaders[backend] = loader
 
 
-def set_auto_preference(op: str, order: tuple[str, ...]) -> None:
-    """Override the "auto" order for one op (decided by measurement, see README)."""
-    _auto_preference[op] = order
+def set_auto_preference(op: str, order) -> None:
+    """Override the "auto" order for one op (decided by measurement, see README).
+
+    `order` is a backend order, e.g. ("triton", "torch"), or size tiers
+    ((limit, order), ..., (None, order)): the first tier whose limit is at least the problem size that
+    the op's caller passes to `pick` (the op decides what size means: weight entries, tokens)."""
+    if order and isinstance(order[0], str):
+        order = ((None, tuple(order)),)
+    tiers = tuple((limit, tuple(names)) for limit, names in order)
+    limits = [limit for limit, _ in tiers]
+    if not tiers or limits[-1] is not None or None in limits[:-1] or limits[:-1] != sorted(limits[:-1]):
+        raise ValueError(f"order for {op}: tiers must rise and end with (None, order), got {order!r}")
+    for _, names in tiers:
+        unknown = [b for b in names if b not in BACKENDS or b == "auto"]
+        if unknown or not names:
+            raise ValueError(f"order for {op}: unknown backends {unknown} in {names!r}")
+    _auto_preference[op] = tiers
+
+
+def _auto_order(op: str, size: int | None) -> tuple[str, ...]:
+    for limit, order in _auto_preference.get(op, ((None, ("cuda", "triton", "torch")),)):
+        if limit is None or (size is not None and size <= limit):
+            return order
+    raise AssertionError("unreachable: the last tier has no limit")
 
 
 def triton_interpret() -> bool:
@@ -130,12 +152,13 @@ def _warn_once(key: tuple, msg: str) -> None:
         log.warning(msg)
 
 
-def pick(op: str, device: torch.device) -> tuple[str, Callable]:
-    """Return (backend name, implementation) for `op` on `device`."""
+def pick(op: str, device: torch.device, size: int | None = None) -> tuple[str, Callable]:
+    """Return (backend name, implementation) for `op` on `device`. `size` selects the op's "auto"
+    tier where the measured winner depends on the problem size (None: the largest tier)."""
     wanted = _current
     if wanted == "auto":
         if device.type == "cuda":
-            order = _auto_preference.get(op, ("cuda", "triton", "torch"))
+            order = _auto_order(op, size)
         else:
             order = ("torch",)
     else:

@@ -18,16 +18,27 @@ import torch.nn.functional as F
 from . import _backend
 from .ops.snell import reference as snell_ref
 
-# op name -> backend order for "auto" on CUDA tensors, from measurements (see the module docstring).
-# Ops not listed use the default cuda -> triton -> torch. Measured on an H200, 2026-11-27
-# (benchmarks/results/nvidia-h200): the CUDA top-k and SNELL layer ops beat Triton at most shapes, so
-# they keep the default. The CUDA Monarch ops have never run on a GPU (the extension did not link in
-# the only run that benchmarked Monarch), so "auto" uses the measured Triton and torch kernels for them.
-# The branch form's keep-mask kernels (2026-11-27) have not run on a GPU either: "auto" runs their Triton
-# twins first, which the interpreter tests check bit for bit against the reference.
-AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "monarch.forward": ("triton", "torch"),
-    "monarch.backward": ("triton", "torch"),
+# op name -> backend order for "auto" on CUDA tensors, from measurements; ops not listed use the default
+# cuda -> triton -> torch. Measured on an H200, 2026-11-27 (benchmarks/results/nvidia-h200, git cd1c5a9 and
+# ff69cce; bf16 fwd+bwd, × full fine-tuning or × dense):
+# - SNELL layer: CUDA wins up to 4096×4096 weights (768→3072: 3.9× vs Triton 5.2×; 4096²: 2.4× vs 3.0×),
+#   Triton from the 4096×11008 ones (1.7× vs 2.0×, and 1.72× vs 2.02× replayed from a CUDA graph, so the
+#   kernels, not the host). No shape between 2^24 and 45M entries was measured: the switch sits at 2^24.
+#   At r = 32 the 4096×11008 layer measured CUDA 2.7× vs Triton 3.1×; the tiers follow the r = 8 rows.
+# - Monarch: the CUDA kernels lose 3.6–8.8× to dense at T = 8192 where Triton is 0.45–1.22× (forward /
+#   fwd+bwd at 4096), but win at small T: fwd+bwd 4.5× vs Triton 11.2× at T = 1, 2.5× vs 5.7× at T = 16,
+#   2.7× vs 4.2× at T = 512. No T between 512 and 8192 was measured: CUDA runs up to 512 tokens.
+# - Keep-mask ops of the branch form: the CUDA kernels pass the GPU test (bit for bit against the
+#   reference) but were never timed apart; their Triton twins stay first.
+SNELL_CUDA_MAX_WEIGHT = 2**24  # weight entries (out × in) up to which the SNELL layer runs CUDA first
+MONARCH_CUDA_MAX_TOKENS = 512
+_SNELL_LAYER = ((SNELL_CUDA_MAX_WEIGHT, ("cuda", "triton", "torch")), (None, ("triton", "cuda", "torch")))
+_MONARCH = ((MONARCH_CUDA_MAX_TOKENS, ("cuda", "triton", "torch")), (None, ("triton", "torch")))
+AUTO_PREFERENCE: dict[str, tuple] = {
+    "snell.layer_forward": _SNELL_LAYER,
+    "snell.layer_backward": _SNELL_LAYER,
+    "monarch.forward": _MONARCH,
+    "monarch.backward": _MONARCH,
     "snell.dropout_pack": ("triton", "cuda", "torch"),
     "snell.dropout_apply": ("triton", "cuda", "torch"),
 }

@@ -191,7 +191,7 @@ def _snell_layer_forward_impl(
     mode: str,
     out_groups: int,
 ) -> tuple[Tensor, Tensor]:
-    _, impl = _backend.pick("snell.layer_forward", x2.device)
+    _, impl = _backend.pick("snell.layer_forward", x2.device, size=B.shape[0] * A.shape[1])
     spec = SnellSpec(kernel, pieces, mode, out_groups)
     params = KernelParams(coeffs, alpha, beta, gamma)
     y2, t = impl(x2, weight, bias, A, B, params, spec, _join_sparsity(sparsity_t, sparsity_f))
@@ -242,7 +242,7 @@ def _snell_layer_backward_impl(
     out_groups: int,
     needs: list[bool],
 ) -> list[Tensor]:
-    _, impl = _backend.pick("snell.layer_backward", x2.device)
+    _, impl = _backend.pick("snell.layer_backward", x2.device, size=B.shape[0] * A.shape[1])
     spec = SnellSpec(kernel, pieces, mode, out_groups)
     params = KernelParams(coeffs, alpha, beta, gamma)
     sparsity = _join_sparsity(sparsity_t, sparsity_f)
@@ -354,7 +354,7 @@ def snell_dropout_apply(v2, bits, row_scale):
 
 
 def _monarch_forward_impl(x2: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    _, impl = _backend.pick("monarch.forward", x2.device)
+    _, impl = _backend.pick("monarch.forward", x2.device, size=x2.shape[0])
     y2 = impl(x2, w1, w2, bias, out_features)
     return _conform(y2, (x2.shape[0], out_features), x2.dtype, x2.device, _storages((x2, w1, w2, bias)))
 
@@ -368,7 +368,7 @@ def _(x2, w1, w2, bias, out_features):
 
 
 def _monarch_backward_impl(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, needs: list[bool]) -> list[Tensor]:
-    _, impl = _backend.pick("monarch.backward", x2.device)
+    _, impl = _backend.pick("monarch.backward", x2.device, size=x2.shape[0])
     grads = impl(dy2, x2, w1, w2, tuple(needs))
     inputs = _storages((dy2, x2, w1, w2))
     return _conform_all([(g, t.shape, t.dtype, w) for g, t, w in zip(grads, (x2, w1, w2), needs)], inputs, x2.device)

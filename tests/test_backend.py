@@ -107,3 +107,82 @@ def test_a_triton_family_that_fails_to_load_leaves_the_others_and_is_reported(mo
     report = env.report()
     assert report["backends"]["triton"]["family_errors"] == {"monarch": "RuntimeError: simulated"}
     assert "monarch kernels failed to load: RuntimeError: simulated" in env.format_report(report)
+
+
+@pytest.fixture
+def fake_op(monkeypatch):
+    """An op with every backend "available" on a CUDA device (no GPU needed), and its tiers restored."""
+    op = "test.sized_op"
+    for name in ("cuda", "triton", "torch"):
+        _backend.register(op, name, lambda name=name: name)
+    monkeypatch.setattr(_backend, "available", lambda op_, name, device: name in _backend._registry.get(op_, {}))
+    monkeypatch.setattr(_backend, "_auto_preference", dict(_backend._auto_preference))
+    yield op
+    _backend._registry.pop(op, None)
+
+
+def test_auto_order_follows_size_tiers(backend, fake_op):
+    cuda = torch.device("cuda")
+    assert _backend.pick(fake_op, cuda)[0] == "cuda"  # the default order
+    _backend.set_auto_preference(fake_op, ((100, ("cuda", "torch")), (1000, ("torch",)), (None, ("triton", "torch"))))
+    assert [_backend.pick(fake_op, cuda, size=s)[0] for s in (1, 100, 101, 1000, 1001)] == [
+        "cuda", "cuda", "torch", "torch", "triton"
+    ]  # fmt: skip
+    assert _backend.pick(fake_op, cuda)[0] == "triton"  # no size: the largest tier
+    assert _backend.pick(fake_op, torch.device("cpu"), size=1)[0] == "torch"  # tiers are for CUDA tensors
+    _backend.set_auto_preference(fake_op, ("triton", "cuda"))  # a plain order: every size
+    assert _backend.pick(fake_op, cuda, size=1)[0] == "triton"
+
+
+BAD_ORDERS = [
+    (),  # nothing
+    ((100, ("cuda",)),),  # no last tier without a limit
+    ((None, ("cuda",)), (100, ("torch",))),  # a tier after the unlimited one
+    ((200, ("cuda",)), (100, ("torch",)), (None, ("torch",))),  # limits not rising
+    ((100, ("cuda", "gpu")), (None, ("torch",))),  # unknown backend
+    ((100, ()), (None, ("torch",))),  # an empty order
+    ("auto",),  # "auto" is not a backend
+]
+
+
+@pytest.mark.parametrize("order", BAD_ORDERS)
+def test_bad_auto_order_is_refused(fake_op, order):
+    with pytest.raises(ValueError, match="test.sized_op"):
+        _backend.set_auto_preference(fake_op, order)
+
+
+def test_shipped_auto_order_picks_the_measured_winners(backend, monkeypatch):
+    """The H200 measurements in pysnell/_cuda_ops.py: the SNELL layer runs CUDA up to 4096×4096 weights and
+    Triton above; Monarch runs CUDA up to 512 tokens and never above."""
+    from pysnell import _cuda_ops
+
+    monkeypatch.setattr(_backend, "_auto_preference", {})
+    _cuda_ops.apply_auto_preference()
+    order = _backend._auto_order
+    assert order("snell.layer_forward", 768 * 3072)[0] == order("snell.layer_backward", 4096 * 4096)[0] == "cuda"
+    assert order("snell.layer_forward", 4096 * 11008)[0] == order("snell.layer_backward", 11008 * 4096)[0] == "triton"
+    assert order("monarch.forward", 16)[0] == order("monarch.backward", 512)[0] == "cuda"
+    assert "cuda" not in order("monarch.forward", 513) and "cuda" not in order("monarch.backward", 8192)
+    assert order("topk.mask_", None)[0] == "cuda"
+
+
+@pytest.mark.parametrize("op_family", ["snell", "monarch"])
+def test_ops_pass_their_size_to_the_dispatcher(backend, monkeypatch, op_family):
+    """snell.layer_* pass the weight's entries (out × in), monarch.* the token count."""
+    seen = {}
+    real_pick = _backend.pick
+
+    def recording_pick(op, device, size=None):
+        seen[op] = size
+        return real_pick(op, device, size)
+
+    monkeypatch.setattr(_backend, "pick", recording_pick)
+    x = torch.randn(2, 7, 40, requires_grad=True)
+    if op_family == "snell":
+        layer = pysnell.SNELLLinear(torch.nn.Linear(40, 24), r=4)
+        layer(x).sum().backward()
+        assert (seen["snell.layer_forward"], seen["snell.layer_backward"]) == (24 * 40, 24 * 40)
+    else:
+        layer = pysnell.MonarchLinear(40, 24, nblocks=4)
+        layer(x).sum().backward()
+        assert (seen["monarch.forward"], seen["monarch.backward"]) == (14, 14)
