@@ -46,6 +46,8 @@ SPARSITY = 0.9
 CHECK_STD = 3.0
 # The update's effect on the loss must exceed this many times the two implementations' difference.
 VACUITY_RATIO = 20
+# pysnell's fp32 adapter gradients may be at most this many times as far from float64 as the public code's.
+GRAD_SLACK = 2.0
 
 
 class RefSNELLLinear(nn.Module):
@@ -317,20 +319,32 @@ def check_snell_equivalence(spec, base, batch, device, dtype) -> str:
         # Gradients against a float64 twin of the reference: the public code's cdist takes the
         # matrix-product shortcut, whose fp32 cancellation for close points is amplified by 1/δ in
         # the backward (an H200 run saw 3e-3 between the two fp32 implementations), so neither fp32
-        # side is the truth.
+        # side is the truth. And the fp32 model itself can be far from float64: with adapter entries
+        # at CHECK_STD the update is large, and in the two LLaMA-7B-shaped layers the public code's own
+        # fp32 gradients were 0.16–0.53 from float64 (a CPU run, session 6), pysnell's 0.21–0.43. So
+        # each gradient must be within 1e-3 of float64, or at most twice as far as the public code's
+        # fp32 gradient is.
         ref64 = copy.deepcopy(ref).double()
         ref64.zero_grad(set_to_none=True)
         batch64 = tuple(t.double() if t.is_floating_point() else t for t in batch)
         spec.loss(ref64, batch64).backward()
-        worst = max(
-            rel_rmse(getattr(layer, attr).grad, getattr(ref64.get_submodule(name), attr).grad)
-            for name, layer in layers.items()
-            for attr in ("snell_A", "snell_B")
-        )
+        worst, worst_ref, worst_excess = 0.0, 0.0, 0.0
+        for name, layer in layers.items():
+            twin, twin64 = ref.get_submodule(name), ref64.get_submodule(name)
+            for attr in ("snell_A", "snell_B"):
+                want = getattr(twin64, attr).grad
+                err = rel_rmse(getattr(layer, attr).grad, want)
+                base = rel_rmse(getattr(twin, attr).grad, want)
+                excess = err / max(1e-3, GRAD_SLACK * base)
+                if excess > worst_excess:
+                    worst, worst_ref, worst_excess = err, base, excess
         del ref64
-        if not worst <= 1e-3:
-            raise AssertionError(f"SNELL check failed: adapter gradients differ by rel. RMSE {worst:.3g} ({msg})")
-        msg += f", grads rel-RMSE <= {worst:.1e}"
+        if not worst_excess <= 1.0:
+            raise AssertionError(
+                f"SNELL check failed: adapter gradients differ from float64 by rel. RMSE {worst:.3g}, "
+                f"the public code's fp32 by {worst_ref:.3g} ({msg})"
+            )
+        msg += f", grads rel-RMSE {worst:.1e} from float64 (public code fp32 {worst_ref:.1e})"
     return "ok: " + msg
 
 

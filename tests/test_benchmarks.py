@@ -413,3 +413,32 @@ def test_monarch_full_mode_times_every_triton_variant(seed):
         assert set(plan.values()) == ({"split"} if name.endswith("-split") else {"fused"}), name
         with harness.forced_backend("torch"):
             torch.testing.assert_close(y, module(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sabotage", ["sparsity", "gradient"])
+@pytest.mark.parametrize("make_spec", [bench_model._vit_spec, bench_model._llama_spec], ids=["vit", "llama"])
+def test_model_check_catches_a_wrong_snell_layer(monkeypatch, make_spec, sabotage):
+    """The model benchmark's pre-timing check passes pysnell as built and fails it with one wrong layer
+    on the quick-size models: sparsity 0.8 where the public code keeps 10% (the loss moves), or one
+    factor's gradient 2% off (the loss does not: the gradient comparison must catch it)."""
+    import pysnell
+
+    spec = make_spec(False)
+    torch.manual_seed(0)
+    base = spec.build()
+    batch = spec.make_batch(2, "cpu")
+    assert bench_model.check_snell_equivalence(spec, base, batch, "cpu", torch.float32).startswith("ok")
+    real_inject = bench_model.inject_pysnell
+
+    def wrong_inject(model, spec_, *args):
+        model = real_inject(model, spec_, *args)
+        first = next(m for m in model.modules() if isinstance(m, pysnell.SNELLLinear))
+        if sabotage == "sparsity":
+            first.sparsity.fill_(0.8)
+        else:
+            first.snell_A.register_hook(lambda g: g * 1.02)
+        return model
+
+    monkeypatch.setattr(bench_model, "inject_pysnell", wrong_inject)
+    with pytest.raises(AssertionError, match="SNELL check failed"):
+        bench_model.check_snell_equivalence(spec, base, batch, "cpu", torch.float32)
