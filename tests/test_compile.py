@@ -148,9 +148,9 @@ def test_compiled_model_matches_eager_without_graph_breaks(seed, backend, dynami
     picks = []
     real_pick = _backend.pick
 
-    def recording_pick(op, device):
+    def recording_pick(op, device, size=None):
         picks.append((op, torch.compiler.is_compiling()))
-        return real_pick(op, device)
+        return real_pick(op, device, size)
 
     monkeypatch.setattr(_backend, "pick", recording_pick)
     got_y, got_grads = _run(model, compiled, x)
