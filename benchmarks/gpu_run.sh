@@ -115,8 +115,8 @@ if cuda_error is not None and "not part of this build" not in cuda_error:
     raise SystemExit(1)  # a loader exists but failed: report it as a failed step
 PYEOF
 
-# 3. GPU tests (collect every failure in this one call rather than stopping at the first), in 8
-#    processes when pytest-xdist is there (the GPU image has it; ~100 s instead of several minutes).
+# 3. GPU tests (collect every failure in this one call rather than stopping at the first), in 12
+#    processes when pytest-xdist is there (the GPU image has it; all of them took ~205 s on an H200).
 STEPS=",${GPU_RUN_STEPS:-tests,profile,bench},"
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)

@@ -250,8 +250,7 @@ def _monarch_supported(x2, w1, w2) -> bool:
 
 
 def snell_dropout_pack(keep):
-    if keep.dim() != 2 or keep.dtype != torch.bool:
-        return _reference("snell.dropout_pack")(keep)  # raises the reference's clear error
+    snell_ref.check_keep_mask(keep)
     return _lib().snell_dropout_pack(keep)
 
 

@@ -48,8 +48,9 @@ def backend():
 
 
 # PYSNELL_TEST_LOG=<file>: append each test's outcome and duration (and a failure's traceback) as it
-# finishes, so a device run that hits its time limit still says what failed and what was slow.
-_TEST_LOG = os.environ.get("PYSNELL_TEST_LOG")
+# finishes, so a device run that hits its time limit still says what failed and what was slow. Under
+# pytest-xdist the controller receives every worker's reports: only it writes (else each line twice).
+_TEST_LOG = None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("PYSNELL_TEST_LOG")
 
 
 def pytest_runtest_logreport(report):

@@ -71,12 +71,18 @@ def _factors(r, n, m, groups, pieces, device, scale=1.0):
     return A, B
 
 
-def _ambiguous(delta, thresholds, groups, tol=1e-5):
-    """Reference entries within rounding of a threshold (where the two backends may disagree)."""
+def _near_threshold(delta, thresholds, groups, tol=1e-5):
+    """Mask (delta's shape) of the entries within rounding of their group's threshold: where two
+    backends, each computing ΔW in its own rounding, may decide differently."""
     mag = delta.abs().reshape(groups, -1)
     t = thresholds.reshape(groups, 1)
     scale = mag.max(dim=1, keepdim=True).values
-    return ((mag - t).abs() <= tol * t.abs() + 1e-6 * scale).sum().item()
+    return ((mag - t).abs() <= tol * t.abs() + 1e-6 * scale).view(delta.shape)
+
+
+def _ambiguous(delta, thresholds, groups, tol=1e-5):
+    """How many reference entries lie within rounding of a threshold."""
+    return _near_threshold(delta, thresholds, groups, tol).sum().item()
 
 
 def _close(got, want, rtol, what):
@@ -514,8 +520,8 @@ def _compare_with_torch_backend(T, n, m, groups, kernel, dtype, target, r, dev):
     entry. So the selection is checked entry by entry on Triton's own effective weight: it must equal
     W0 + S (the torch backend's S at Triton's threshold) everywhere except entries within rounding of
     the threshold, and there it must be W0 + S or the opposite decision. y and dx must then be the
-    GEMMs of that weight; the factor and kernel-scalar gradients are compared with the torch backend
-    at the same threshold, the scalars (single sums that cancel) against a float64 evaluation."""
+    GEMMs of that weight; the factor and kernel-scalar gradients must be the torch backend's math on
+    the set Triton kept, the scalars (single sums that cancel) judged against a float64 evaluation."""
     scale = 0.25 if kernel == "piecewise" else 2.0  # spread |ΔW|: the offset kernels concentrate it
     A, B = _factors(r, n, m, groups, 2, dev, scale=scale)
     params = _params(kernel, r, 2, n, dev)
@@ -541,9 +547,7 @@ def _compare_with_torch_backend(T, n, m, groups, kernel, dtype, target, r, dev):
     W32 = W.float()
     close = lambda got, want: (got - want).abs() <= 1e-5 * (want - W32).abs() + 1e-6 * W32.abs() + 1e-7
     same = close(w_eff, W32 + S)
-    band = torch.zeros_like(same)
-    if sparsify:
-        band = (delta.abs() - t.repeat_interleave(m // groups).view(m, 1)).abs() <= 1e-5 * t.max() + 1e-6 * peak.max()
+    band = _near_threshold(delta, t, groups) if sparsify else torch.zeros_like(same)
     flip = ~same & band & close(w_eff, W32 + flipped_S)
     wrong = ~(same | flip)
     assert not wrong.any(), f"{int(wrong.sum())} entries of W0 + S wrong, e.g. at {wrong.nonzero()[:5].tolist()}"
@@ -590,7 +594,6 @@ def _compare_with_torch_backend(T, n, m, groups, kernel, dtype, target, r, dev):
         # As accurate as the torch backend's math on the same data (fp32 or bf16 G_S), or within 1e-2.
         err, base = rel_rmse(got, want64[i]), rel_rmse(want[i], want64[i])
         assert err < max(1e-2, 3 * base), f"{names[i]}: {err:.2e} vs float64, torch's math {base:.2e}"
-    return flips
 
 
 @pytest.mark.gpu

@@ -1227,8 +1227,7 @@ def _dropout_grid(T: int, nb: int):
 
 @_on_device
 def dropout_pack(keep):
-    if keep.dim() != 2 or keep.dtype != torch.bool:
-        raise ValueError(f"keep must be a 2-D (T, n) bool mask, got {keep.dtype} of shape {tuple(keep.shape)}")
+    ref.check_keep_mask(keep)
     T, n = keep.shape
     nb = ref.packed_width(n)
     bits = _alloc((T, nb), torch.uint8, keep.device)

@@ -261,11 +261,16 @@ def packed_width(n: int) -> int:
     return -(-n // 8)
 
 
+def check_keep_mask(keep: torch.Tensor) -> None:
+    """The keep mask the pack kernels read: a 2-D (T, n) bool tensor."""
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a 2-D (T, n) bool mask, got {keep.dtype} of shape {tuple(keep.shape)}")
+
+
 def dropout_pack(keep: torch.Tensor) -> torch.Tensor:
     """Pack a bool (T, n) keep mask into (T, ⌈n/8⌉) uint8 (bit j % 8 of byte j // 8): top-k's packed
     mask layout, row by row (each row padded to whole bytes)."""
-    if keep.dim() != 2 or keep.dtype != torch.bool:
-        raise ValueError(f"keep must be a 2-D (T, n) bool mask, got {keep.dtype} of shape {tuple(keep.shape)}")
+    check_keep_mask(keep)
     T, n = keep.shape
     nb = packed_width(n)
     return pack_mask(torch.nn.functional.pad(keep, (0, nb * 8 - n))).view(T, nb)
