@@ -9,7 +9,7 @@
 #   PYSNELL_GIT_REV    the commit, for a tree copied without .git (else a hash of the sources)
 #   GPU_RUN_OPS        modules for the benchmark runner (default: all: topk,monarch,snell,model)
 #   GPU_RUN_MICRO=1    also run the pytest-benchmark micro-benchmarks (off by default: time)
-#   GPU_RUN_STEPS      which of tests,profile,bench run after install and build (default: all three)
+#   GPU_RUN_STEPS      which of tests,profile,tune,bench run after install and build (default: all four)
 #   GPU_RUN_TEST_S     the GPU tests' time cap in seconds (default 240; all of them took ~205 s on an H200)
 #   GPU_RUN_TEST_ARGS  extra pytest arguments, e.g. test ids to rerun (default: every gpu-marked test)
 # The GPU tests log each outcome and duration as it finishes to $OUT/tests.log, with the traceback
@@ -117,7 +117,7 @@ PYEOF
 
 # 3. GPU tests (collect every failure in this one call rather than stopping at the first), in 12
 #    processes when pytest-xdist is there (the GPU image has it; all of them took ~205 s on an H200).
-STEPS=",${GPU_RUN_STEPS:-tests,profile,bench},"
+STEPS=",${GPU_RUN_STEPS:-tests,profile,tune,bench},"
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)
 export PYSNELL_TEST_LOG="$OUT/tests.log"
@@ -139,6 +139,12 @@ if [[ "$STEPS" == *,profile,* ]]; then
     run_step "3c step profile" "$(budget_for 90 200)" $PY -m benchmarks.profile_gpu --out "$OUT"
 fi
 
+# 3d. Triton SNELL knob sweep (tune_snell.md/json in $OUT): tiles and split of the backward kernel,
+#     the pilot pass of the selection, each checked against the shipped setting.
+if [[ "$STEPS" == *,tune,* ]]; then
+    run_step "3d knob sweep" "$(budget_for 100 180)" $PY -m benchmarks.tune_snell --out "$OUT"
+fi
+
 # 4. Full benchmarks into benchmarks/results/<card>/ (rewritten after every module).
 CARD_DIR=$($PY -c "import torch; from benchmarks.runner import RESULTS_DIR, slug; print(RESULTS_DIR / slug(torch.cuda.get_device_name()))" 2>>"$LOG")
 CARD_DIR=${CARD_DIR:-benchmarks/results/unknown-gpu}
@@ -150,21 +156,21 @@ if [[ "$STEPS" == *,bench,* ]]; then
         $PY -m benchmarks --full --out "$CARD_DIR" --budget-s $((BENCH_S - 10)) "${OPS_ARGS[@]}"
 fi
 
-# 5. Results to $OUT (at most 8 files: extra plots go into one tarball).
+# 5. Results to $OUT. The device returns at most 8 files: the tables and logs stay as they are
+#    (run.log, tests.log, profile.md, tune_snell.md, results.md, results.json), everything else
+#    (profile.json, tune_snell.json, results.csv, plots) goes into one bundle.tar.
 {
     echo
     echo "===== 5/5 collect ====="
-    files=()
-    for f in results.json results.csv results.md; do [[ -f "$CARD_DIR/$f" ]] && files+=("$CARD_DIR/$f"); done
-    pngs=("$CARD_DIR"/plot_*.png)
-    [[ -e "${pngs[0]}" ]] || pngs=()
-    already=$(find "$OUT" -maxdepth 1 -type f | wc -l) # run.log, profile.md/json
-    if ((${#files[@]} + ${#pngs[@]} + already <= 8)); then
-        files+=("${pngs[@]}")
-    elif ((${#pngs[@]})); then
-        tar -cf "$OUT/plots.tar" -C "$CARD_DIR" $(cd "$CARD_DIR" && ls plot_*.png) && echo "plots bundled in plots.tar"
+    for f in results.json results.md; do [[ -f "$CARD_DIR/$f" ]] && cp "$CARD_DIR/$f" "$OUT/"; done
+    bundle=()
+    for f in "$OUT"/profile.json "$OUT"/tune_snell.json "$CARD_DIR"/results.csv "$CARD_DIR"/plot_*.png; do
+        [[ -f "$f" ]] && bundle+=("$f")
+    done
+    if ((${#bundle[@]})); then
+        tar -cf "$OUT/bundle.tar" --transform 's,.*/,,' "${bundle[@]}" && rm -f "$OUT"/profile.json "$OUT"/tune_snell.json
+        echo "bundle.tar: ${bundle[*]##*/}"
     fi
-    ((${#files[@]})) && cp "${files[@]}" "$OUT/"
     ls -la "$OUT"
 } >>"$LOG" 2>&1
 if [[ -f "$CARD_DIR/results.json" ]]; then

@@ -18,8 +18,16 @@ def check_float_tensor(name: str, t, *, ndim: int | None = None) -> None:
 
 
 def check_same_device(**tensors) -> torch.device:
+    first = None
+    for t in tensors.values():  # the common case in a layer's every call: no dict, no message
+        if isinstance(t, torch.Tensor):
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                break
+    else:
+        return first
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    first = next(iter(devices.values()))
     for name, dev in devices.items():
         if dev != first:
             listing = ", ".join(f"{n} on {d}" for n, d in devices.items())

@@ -40,18 +40,15 @@ def _join_sparsity(sparsity_t: Tensor | None, sparsity_f: float):
     return sparsity_t if sparsity_t is not None else sparsity_f
 
 
-def _storages(tensors) -> tuple:
-    """The inputs an output must not alias (checked lazily: only views and identical objects can)."""
-    return tuple(t for t in tensors if isinstance(t, torch.Tensor))
-
-
 def _aliases(out: Tensor, inputs: tuple) -> bool:
-    if any(out is t for t in inputs):
-        return True
+    """Whether `out` is one of `inputs` (None entries are skipped) or a view into one's storage."""
+    for t in inputs:
+        if out is t:
+            return True
     if not out._is_view() or not out.numel():
         return False
     ptr = out.untyped_storage().data_ptr()
-    return any(t.numel() and t.untyped_storage().data_ptr() == ptr for t in inputs)
+    return any(t is not None and t.numel() and t.untyped_storage().data_ptr() == ptr for t in inputs)
 
 
 def _conform(out, shape, dtype, device, inputs, wanted=True):
@@ -60,6 +57,15 @@ def _conform(out, shape, dtype, device, inputs, wanted=True):
         return torch.empty(0, dtype=dtype, device=device)
     if out is None:
         return torch.zeros(shape, dtype=dtype, device=device)
+    if (
+        out.dtype == dtype
+        and out.shape == shape
+        and not out._is_view()
+        and out.is_contiguous()
+        and not out.storage_offset()
+        and not any(out is t for t in inputs)
+    ):
+        return out  # the usual case: a fresh buffer as declared (checked without building anything)
     if tuple(out.shape) != tuple(shape):
         out = out.reshape(shape)
     if out.dtype != dtype:
@@ -75,9 +81,12 @@ def _conform(out, shape, dtype, device, inputs, wanted=True):
 def _conform_all(items, inputs, device):
     """_conform over several returns, which must not alias each other either (e.g. three scalar
     gradients sliced from one partial-sum buffer)."""
-    outs, ptrs = [], set()
-    for out, shape, dtype, wanted in items:
-        out = _conform(out, shape, dtype, device, inputs, wanted)
+    outs = [_conform(out, shape, dtype, device, inputs, wanted) for out, shape, dtype, wanted in items]
+    # Distinct tensors that are not views own distinct storages: only views and repeats need the pointers.
+    if all(not out._is_view() for out in outs) and len({id(out) for out in outs}) == len(outs):
+        return outs
+    conformed, outs, ptrs = outs, [], set()
+    for out in conformed:
         ptr = out.untyped_storage().data_ptr() if out.numel() else None
         if ptr is not None and ptr in ptrs:
             out = out.clone()
@@ -122,7 +131,7 @@ def _snell_merge_impl(
     _, impl = _backend.pick("snell.merge", A.device)
     spec = SnellSpec(kernel, pieces, mode, out_groups)
     delta = impl(A, B, KernelParams(coeffs, alpha, beta, gamma), spec)
-    inputs = _storages((A, B, coeffs, alpha, beta, gamma))
+    inputs = (A, B, coeffs, alpha, beta, gamma)
     return _conform(delta, (B.shape[0], A.shape[1]), A.dtype, A.device, inputs)
 
 
@@ -151,7 +160,7 @@ def _snell_merge_backward_impl(
     _, impl = _backend.pick("snell.merge_backward", A.device)
     spec = SnellSpec(kernel, pieces, mode, out_groups)
     grads = impl(G, A, B, KernelParams(coeffs, alpha, beta, gamma), spec, tuple(need))
-    inputs = _storages((G, A, B, coeffs, alpha, beta, gamma))
+    inputs = (G, A, B, coeffs, alpha, beta, gamma)
     items = [
         (g, t.shape, t.dtype, w) for g, (t, w) in zip(grads, _merge_grads_like(A, B, coeffs, alpha, beta, gamma, need))
     ]
@@ -195,7 +204,7 @@ def _snell_layer_forward_impl(
     spec = SnellSpec(kernel, pieces, mode, out_groups)
     params = KernelParams(coeffs, alpha, beta, gamma)
     y2, t = impl(x2, weight, bias, A, B, params, spec, _join_sparsity(sparsity_t, sparsity_f))
-    inputs = _storages((x2, weight, bias, A, B, coeffs, alpha, beta, gamma, sparsity_t))
+    inputs = (x2, weight, bias, A, B, coeffs, alpha, beta, gamma, sparsity_t)
     y2 = _conform(y2, (x2.shape[0], B.shape[0]), x2.dtype, x2.device, inputs)
     t = _conform(t, (out_groups,), torch.float32, x2.device, inputs)
     return y2, t
@@ -247,7 +256,7 @@ def _snell_layer_backward_impl(
     params = KernelParams(coeffs, alpha, beta, gamma)
     sparsity = _join_sparsity(sparsity_t, sparsity_f)
     grads = impl(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, tuple(needs))
-    inputs = _storages((dy2, x2, weight, A, B, coeffs, alpha, beta, gamma, sparsity_t, thresholds))
+    inputs = (dy2, x2, weight, A, B, coeffs, alpha, beta, gamma, sparsity_t, thresholds)
     specs = _layer_grad_specs(dy2, x2, weight, A, B, coeffs, alpha, beta, gamma)
     return _conform_all([(g, s, d, w) for g, (s, d), w in zip(grads, specs, needs)], inputs, dy2.device)
 
@@ -312,7 +321,7 @@ def _snell_dropout_pack_impl(keep: Tensor) -> Tensor:
     _, impl = _backend.pick("snell.dropout_pack", keep.device)
     bits = impl(keep)
     shape = (keep.shape[0], ref_packed_width(keep.shape[1]))
-    return _conform(bits, shape, torch.uint8, keep.device, _storages((keep,)))
+    return _conform(bits, shape, torch.uint8, keep.device, (keep,))
 
 
 _snell_dropout_pack = torch.library.custom_op(_op_name("snell_dropout_pack"), _snell_dropout_pack_impl, mutates_args=())
@@ -326,7 +335,7 @@ def _(keep):
 def _snell_dropout_apply_impl(v2: Tensor, bits: Tensor | None, row_scale: Tensor) -> Tensor:
     _, impl = _backend.pick("snell.dropout_apply", v2.device)
     out = impl(v2, bits, row_scale)
-    return _conform(out, tuple(v2.shape), v2.dtype, v2.device, _storages((v2, bits, row_scale)))
+    return _conform(out, tuple(v2.shape), v2.dtype, v2.device, (v2, bits, row_scale))
 
 
 _snell_dropout_apply = torch.library.custom_op(
@@ -356,7 +365,7 @@ def snell_dropout_apply(v2, bits, row_scale):
 def _monarch_forward_impl(x2: Tensor, w1: Tensor, w2: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
     _, impl = _backend.pick("monarch.forward", x2.device, size=x2.shape[0])
     y2 = impl(x2, w1, w2, bias, out_features)
-    return _conform(y2, (x2.shape[0], out_features), x2.dtype, x2.device, _storages((x2, w1, w2, bias)))
+    return _conform(y2, (x2.shape[0], out_features), x2.dtype, x2.device, (x2, w1, w2, bias))
 
 
 _monarch_forward = torch.library.custom_op(_op_name("monarch_forward"), _monarch_forward_impl, mutates_args=())
@@ -370,7 +379,7 @@ def _(x2, w1, w2, bias, out_features):
 def _monarch_backward_impl(dy2: Tensor, x2: Tensor, w1: Tensor, w2: Tensor, needs: list[bool]) -> list[Tensor]:
     _, impl = _backend.pick("monarch.backward", x2.device, size=x2.shape[0])
     grads = impl(dy2, x2, w1, w2, tuple(needs))
-    inputs = _storages((dy2, x2, w1, w2))
+    inputs = (dy2, x2, w1, w2)
     return _conform_all([(g, t.shape, t.dtype, w) for g, t, w in zip(grads, (x2, w1, w2), needs)], inputs, x2.device)
 
 
@@ -401,7 +410,7 @@ def monarch_backward(dy2, x2, w1, w2, needs):
 def _topk_threshold_impl(x2d: Tensor, sparsity_t: Tensor | None, sparsity_f: float) -> Tensor:
     _, impl = _backend.pick("topk.threshold", x2d.device)
     t = impl(x2d, _join_sparsity(sparsity_t, sparsity_f))
-    return _conform(t, (x2d.shape[0],), torch.float32, x2d.device, _storages((x2d, sparsity_t)))
+    return _conform(t, (x2d.shape[0],), torch.float32, x2d.device, (x2d, sparsity_t))
 
 
 _topk_threshold = torch.library.custom_op(_op_name("topk_threshold"), _topk_threshold_impl, mutates_args=())
@@ -424,7 +433,7 @@ def _topk_mask__impl(
     out, t, packed = impl(x, sparsity, k, want_packed)
     if out is not x:  # a backend that could not work in place: the op still mutates x
         x.copy_(out)
-    inputs = _storages((x, sparsity_t))
+    inputs = (x, sparsity_t)
     t = _conform(t, (), torch.float32, x.device, inputs)
     packed = _conform(packed, (_packed_numel(x),), torch.uint8, x.device, inputs, want_packed)
     return t, packed

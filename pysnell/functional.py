@@ -82,7 +82,11 @@ def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, 
         )
     elif coeffs.shape != (pieces,):
         raise ValueError(f"coeffs must have shape (pieces={pieces},), got {tuple(coeffs.shape)}")
-    init = ref.SCALAR_INIT.get(kernel, {"alpha": 1.0, "beta": 1.0, "gamma": 0.0})
+    if alpha is None and beta is None and gamma is None:  # kernels without learnable scalars: one lookup
+        defaults = _default_constant(("scalars", kernel, dev, dt), lambda: _default_scalars(kernel, dev, dt))
+        check_same_device(A=A, coeffs=coeffs)
+        return (coeffs if coeffs.dtype == dt else coeffs.to(dt),) + defaults
+    init = ref.SCALAR_INIT.get(kernel, _NO_SCALARS)
     out = []
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if value is None:
@@ -92,6 +96,14 @@ def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, 
         out.append(value if value.dim() == 0 else value.reshape(()))
     check_same_device(A=A, coeffs=coeffs, alpha=out[0], beta=out[1], gamma=out[2])
     return (coeffs if coeffs.dtype == dt else coeffs.to(dt),) + tuple(v if v.dtype == dt else v.to(dt) for v in out)
+
+
+_NO_SCALARS = {"alpha": 1.0, "beta": 1.0, "gamma": 0.0}  # what kernels without α, β, γ are given
+
+
+def _default_scalars(kernel, device, dtype) -> tuple:
+    init = ref.SCALAR_INIT.get(kernel, _NO_SCALARS)
+    return tuple(default_scalar(init[name], device, dtype) for name in ("alpha", "beta", "gamma"))
 
 
 def kernel_merge(
@@ -133,6 +145,8 @@ def autocast_off(device_type: str):
 
 
 def _common_dtype(A, B):
+    if A.dtype == B.dtype:
+        return A, B
     dt = torch.promote_types(A.dtype, B.dtype)
     return A.to(dt), B.to(dt)
 
@@ -210,8 +224,7 @@ def snell_linear(
     check_choice("mode", mode, ref.MODES)
     check_sparsity_arg(sparsity)
     dropout, drop_path = check_drop_rate("dropout", dropout), check_drop_rate("drop_path", drop_path)
-    optional = {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
-    check_same_device(x=x, A=A, B=B, **optional)
+    check_same_device(x=x, A=A, B=B, weight=weight, bias=bias)  # None: not a tensor, skipped
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))

@@ -326,6 +326,21 @@ def test_step_profile_quick_writes_its_table(tmp_path):
     assert (tmp_path / "profile.md").read_text().count("\n| ") == len(data["rows"]) + 1
 
 
+def test_snell_knob_sweep_quick_checks_every_setting(tmp_path):
+    # benchmarks.tune_snell on CPU: the shipped setting per kernel and shape, checked against itself
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tune_snell", "--quick", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "tune_snell.json").read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"factor_grads", "select"}
+    assert all(r["ok"] and r["ms"] > 0 for r in rows), rows
+    assert {r["pilot_min_numel"] for r in rows if r["kernel"] == "select"} >= {1 << 18, 1 << 40}
+    assert (tmp_path / "tune_snell.md").read_text().count("\n| ") == len(rows) + 1
+
+
 def test_host_cost_counts_launches_on_cpu():
     # benchmarks.host_cost: launches per layer step are device-independent facts; check a few
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -332,6 +332,34 @@ def test_sparsity_tensor_assignment_is_validated_and_stays_float64(seed):
     assert float(layer.sparsity) == 0.5
 
 
+def test_sparsity_snapshot_is_reused_until_the_buffer_changes(seed):
+    """A training step copies each layer's sparsity once; any write to the buffer (fill_, load_state_dict,
+    assignment of a new tensor) gives the next call a fresh copy, and backward keeps the value forward saw."""
+    from pysnell.ops.snell.function import sparsity_snapshot
+
+    layer = make_layer(dtype=torch.float64, sparsity=0.5)
+    first = sparsity_snapshot(layer.sparsity)
+    assert first is not layer.sparsity and float(first) == 0.5
+    assert sparsity_snapshot(layer.sparsity) is first
+    with torch.no_grad():
+        assert sparsity_snapshot(layer.sparsity) is layer.sparsity  # nothing recorded, nothing copied
+    x = torch.randn(7, 5)
+    y = layer(x)  # forward sees 0.5
+    layer.set_sparsity(0.8)  # in place: the version counter moves
+    second = sparsity_snapshot(layer.sparsity)
+    assert second is not first and float(second) == 0.8 and float(first) == 0.5
+    y.sum().backward()
+    got = layer.snell_A.grad.clone()
+    layer.snell_A.grad = None
+    layer.set_sparsity(0.5)
+    layer(x).sum().backward()  # the same step at 0.5 from scratch: identical gradients
+    torch.testing.assert_close(layer.snell_A.grad, got, rtol=0, atol=0)
+    layer.load_state_dict({**layer.state_dict(), "sparsity": torch.tensor(0.3, dtype=torch.float64)})
+    assert float(sparsity_snapshot(layer.sparsity)) == 0.3
+    layer.sparsity = torch.tensor(0.625)  # a new tensor object
+    assert float(sparsity_snapshot(layer.sparsity)) == 0.625
+
+
 # ---------------------------------------------------------------- what forward saves, and memory
 
 

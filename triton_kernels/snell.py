@@ -61,6 +61,8 @@ BACKWARD_TILE = (64, 64, 8)
 # (compile-only sm_90 builds, every kernel family; fp32 G_S needs three tf32 products per dot).
 BACKWARD_TILE_RP32 = (64, 32, 8)  # RP 32 (r 16..31), and RP 64 with a 16-bit G_S
 BACKWARD_TILE_WIDE = (32, 32, 4)  # RP 64 with an fp32 G_S, RP >= 128
+# Backward programs per SM and group (benchmarks/tune_snell.py sweeps it with the tiles).
+BACKWARD_PROGRAMS_PER_SM = 2
 # Tile edge under the interpreter (every program instance costs ~0.1 s there); tests lower it to
 # get several programs per kernel.
 INTERPRET_TILE = 32
@@ -1073,7 +1075,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     n_ct, n_rt = cdiv(geo.n, BN), cdiv(geo.m_g, BM)
     # Programs: column chunks × row chunks per group, about 2 per SM. The split balances the two
     # partials (column chunks × out × r for dB, row chunks × r × in for dA).
-    per_group = 2 if interpreting() else max(1, 2 * _num_sms(dev) // geo.groups)
+    per_group = 2 if interpreting() else max(1, BACKWARD_PROGRAMS_PER_SM * _num_sms(dev) // geo.groups)
     n_cc = min(n_ct, max(1, round(math.sqrt(per_group * geo.n / geo.m_g))))
     tiles_per_chunk = cdiv(n_ct, n_cc)
     n_cc = cdiv(n_ct, tiles_per_chunk)

@@ -113,6 +113,17 @@ class SNELLLinear(nn.Module):
             self._buffers["sparsity"] = before.to(device=self.sparsity.device, dtype=torch.float64)
         return out
 
+    def _tensor(self, name: str):
+        """A parameter or buffer by name, read from the module's registries first: Module.__getattr__
+        costs about a µs per name on every call. A wrapper that moved it elsewhere (FSDP's views, a
+        plain attribute) is still found; a name the module lacks gives None."""
+        t = self._parameters.get(name)
+        if t is None:
+            t = self._buffers.get(name)
+            if t is None:
+                t = getattr(self, name, None)
+        return t
+
     def _kernel_tensors(self):
         get = getattr
         return {
@@ -135,17 +146,27 @@ class SNELLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        has_scalars = self.kernel in ref.SCALAR_INIT
+        base = self.base
         return PF.snell_linear(
             x,
-            self.base.weight,
-            self.base.bias,
-            self.snell_A,
-            self.snell_B,
-            sparsity=self.sparsity,
+            base.weight,
+            base.bias,
+            self._tensor("snell_A"),
+            self._tensor("snell_B"),
+            sparsity=self._tensor("sparsity"),
+            kernel=self.kernel,
+            pieces=self.pieces,
+            scale=self.scale,
+            mode=self.mode,
+            coeffs=self._tensor("snell_coeffs"),
+            alpha=self._tensor("snell_alpha") if has_scalars else None,
+            beta=self._tensor("snell_beta") if has_scalars else None,
+            gamma=self._tensor("snell_gamma") if has_scalars else None,
+            out_groups=self.out_groups,
             dropout=self.dropout,
             drop_path=self.drop_path,
             training=self.training,
-            **self._snell_kwargs(),
         )
 
     def delta_weight(self) -> torch.Tensor:

@@ -15,6 +15,8 @@ instead of saving anything m×n.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -82,10 +84,29 @@ def sparsity_snapshot(sparsity):
     """What a Function taking `sparsity` should be given: a tensor sparsity (a layer's buffer) is
     copied when autograd will record the call, so changing the buffer between forward and backward
     (e.g. a SNELLA re-allocation) does not change this step's gradients. Under no_grad / inference
-    nothing is recorded and nothing is copied (one launch fewer per layer call)."""
-    if isinstance(sparsity, torch.Tensor) and torch.is_grad_enabled():
+    nothing is recorded and nothing is copied (one launch fewer per layer call).
+
+    The copy is reused while the buffer is unchanged (same tensor, storage and version counter: every
+    in-place write bumps it), so a training step copies each layer's sparsity once, not per call.
+    Snapshots are only read. A CUDA-graph capture and torch.compile always copy: a replayed graph
+    must read the buffer's value at replay time."""
+    if not (isinstance(sparsity, torch.Tensor) and torch.is_grad_enabled()):
+        return sparsity
+    if torch.compiler.is_compiling() or (sparsity.is_cuda and torch.cuda.is_current_stream_capturing()):
         return sparsity.detach().clone()
-    return sparsity
+    key = id(sparsity)
+    entry = _snapshots.get(key)
+    version, ptr = sparsity._version, sparsity.data_ptr()
+    if entry is not None and entry[0]() is sparsity and entry[1] == version and entry[2] == ptr:
+        return entry[3]
+    snap = sparsity.detach().clone()
+    if len(_snapshots) >= 4096:  # layers come and go (e.g. a sweep): stay bounded
+        _snapshots.clear()
+    _snapshots[key] = (weakref.ref(sparsity), version, ptr, snap)
+    return snap
+
+
+_snapshots: dict = {}  # id(buffer) -> (weakref to it, version, data_ptr, snapshot)
 
 
 def _saved_sparsity(sparsity):
