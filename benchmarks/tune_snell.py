@@ -6,7 +6,8 @@ The layer benchmark times whole steps; this times the two Triton pieces the H200
 session 6 named as the excess over full fine-tuning, each on its own (CUDA events, median of
 `REPS` after warm-up, L2 flushed), for every setting of its knobs:
 - the factor-gradient kernel (`_factor_grads`: the backward kernel and its reduction) at 4096→11008
-  and 768→3072, bf16 G_S, r = 8: BACKWARD_TILE (rows, cols, warps) × BACKWARD_PROGRAMS_PER_SM;
+  and 768→3072, bf16 G_S, r = 8: BACKWARD_TILE (rows, cols, warps; the 16-bit G_S tile of r ≤ 15)
+  × BACKWARD_PROGRAMS_PER_SM;
 - the selection (`_select`, every pass) at 768→3072, 768→2304 in 3 groups and 4096→11008: with
   and without the pilot pass (PILOT_MIN_NUMEL), which decides whether the first full pass is wide
   (one global atomic per entry) or narrow (a bracket around the sampled quantile).

@@ -311,6 +311,74 @@ std::tuple<Tensor, Tensor, Tensor> snell_backward(const Tensor& grad, const Tens
   return {dA, dB, dscalars};
 }
 
+// ---- the whole layer step, one host call each way
+//
+// The same sequence as the Python composition of the ops above (select, W_eff, the GEMMs, the factor
+// gradients), in one call: a layer step then costs two Python-to-C++ transitions instead of about ten.
+// Every GEMM runs in the activations' dtype on cuBLAS, as at the Python level.
+
+std::tuple<Tensor, Tensor> snell_layer_forward(const Tensor& x2, const std::optional<Tensor>& weight,
+                                               const std::optional<Tensor>& bias, const Tensor& A, const Tensor& B,
+                                               const Tensor& coeffs, const Tensor& alpha, const Tensor& beta,
+                                               const Tensor& gamma, const std::optional<Tensor>& colstats,
+                                               double sparsity, const std::optional<Tensor>& sparsity_tensor,
+                                               bool known_zero, int64_t kernel, int64_t pieces, int64_t mode,
+                                               int64_t groups) {
+  check_on_cuda(x2, "x2");
+  TORCH_CHECK(x2.dim() == 2 && x2.size(1) == A.size(1), "pysnell CUDA snell_layer_forward: x2 must be (T, in=",
+              A.size(1), "), got ", x2.sizes());
+  const c10::cuda::CUDAGuard guard(A.device());
+  Tensor W;
+  Tensor thresholds;
+  if (known_zero) {  // sparsity 0 known on the host: ΔW unsparsified, thresholds 0
+    thresholds = at::zeros({groups}, A.options().dtype(at::kFloat));
+    W = snell_weff(A, B, coeffs, alpha, beta, gamma, colstats, weight, std::nullopt, 0.0, std::nullopt, kernel, pieces,
+                   mode, groups, x2.scalar_type());
+  } else {
+    thresholds = snell_select(A, B, coeffs, alpha, beta, gamma, colstats, sparsity, sparsity_tensor, kernel, pieces,
+                              groups);
+    W = snell_weff(A, B, coeffs, alpha, beta, gamma, colstats, weight, thresholds, sparsity, sparsity_tensor, kernel,
+                   pieces, mode, groups, x2.scalar_type());
+  }
+  std::optional<Tensor> b;
+  if (bias.has_value() && bias->defined()) b = bias->to(x2.scalar_type());
+  return {at::linear(x2, W, b), thresholds};
+}
+
+// -> (dx, dweight, dbias, dA, dB, dscalars); a result not asked for is an empty tensor.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> snell_layer_backward(
+    const Tensor& dy2, const Tensor& x2, const std::optional<Tensor>& weight, const Tensor& A, const Tensor& B,
+    const Tensor& coeffs, const Tensor& alpha, const Tensor& beta, const Tensor& gamma,
+    const std::optional<Tensor>& colstats, const std::optional<Tensor>& thresholds, double sparsity,
+    const std::optional<Tensor>& sparsity_tensor, int64_t kernel, int64_t pieces, int64_t mode, int64_t groups,
+    bool need_x, bool need_w, bool need_b, bool need_factor) {
+  check_on_cuda(dy2, "dy2");
+  check_on_cuda(x2, "x2");
+  TORCH_CHECK(dy2.dim() == 2 && x2.dim() == 2 && dy2.size(0) == x2.size(0) && dy2.size(1) == B.size(0) &&
+                  x2.size(1) == A.size(1),
+              "pysnell CUDA snell_layer_backward: dy2 must be (T, out=", B.size(0), ") and x2 (T, in=", A.size(1),
+              "), got ", dy2.sizes(), " and ", x2.sizes());
+  TORCH_CHECK(!need_w || (weight.has_value() && weight->defined()),
+              "pysnell CUDA snell_layer_backward: need_w without a weight");
+  const c10::cuda::CUDAGuard guard(A.device());
+  const Tensor none = at::empty({0}, dy2.options());
+  Tensor dx = none, dweight = none, dbias = none, dA = none, dB = none, dscalars = none;
+  if (need_x) {  // W_eff lives only for this GEMM: the peak holds one m×n buffer at a time
+    dx = at::mm(dy2, snell_weff(A, B, coeffs, alpha, beta, gamma, colstats, weight, thresholds, sparsity,
+                                sparsity_tensor, kernel, pieces, mode, groups, dy2.scalar_type()));
+  }
+  if (need_b) dbias = dy2.sum(0);
+  if (need_w || need_factor) {
+    const Tensor grad_s = at::mm(dy2.t(), x2.to(dy2.scalar_type()));  // G_S in the GEMM dtype
+    if (need_w) dweight = grad_s.to(A.scalar_type()).to(weight->scalar_type());
+    if (need_factor) {
+      std::tie(dA, dB, dscalars) = snell_backward(grad_s, A, B, coeffs, alpha, beta, gamma, colstats, thresholds,
+                                                  sparsity, sparsity_tensor, kernel, pieces, mode, groups);
+    }
+  }
+  return {dx, dweight, dbias, dA, dB, dscalars};
+}
+
 // ---- the branch form's keep mask
 
 Tensor snell_dropout_pack(const Tensor& keep) {
@@ -465,6 +533,15 @@ TORCH_LIBRARY(pysnell_cuda, m) {
       "snell_backward(Tensor grad, Tensor A, Tensor B, Tensor coeffs, Tensor alpha, Tensor beta, Tensor gamma, "
       "Tensor(a!)? colstats, Tensor? thresholds, float sparsity, Tensor? sparsity_tensor, int kernel, int pieces, "
       "int mode, int groups) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "snell_layer_forward(Tensor x2, Tensor? weight, Tensor? bias, Tensor A, Tensor B, Tensor coeffs, Tensor alpha, "
+      "Tensor beta, Tensor gamma, Tensor? colstats, float sparsity, Tensor? sparsity_tensor, bool known_zero, "
+      "int kernel, int pieces, int mode, int groups) -> (Tensor, Tensor)");
+  m.def(
+      "snell_layer_backward(Tensor dy2, Tensor x2, Tensor? weight, Tensor A, Tensor B, Tensor coeffs, Tensor alpha, "
+      "Tensor beta, Tensor gamma, Tensor(a!)? colstats, Tensor? thresholds, float sparsity, Tensor? sparsity_tensor, "
+      "int kernel, int pieces, int mode, int groups, bool need_x, bool need_w, bool need_b, bool need_factor) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("snell_dropout_pack(Tensor keep) -> Tensor");
   m.def("snell_dropout_apply(Tensor v, Tensor? bits, Tensor row_scale) -> Tensor");
   m.def("monarch_forward(Tensor x, Tensor w1, Tensor w2, Tensor? bias, int out_features) -> Tensor");
@@ -480,6 +557,8 @@ TORCH_LIBRARY_IMPL(pysnell_cuda, CUDA, m) {
   m.impl("snell_select", &snell_select);
   m.impl("snell_weff", &snell_weff);
   m.impl("snell_backward", &snell_backward);
+  m.impl("snell_layer_forward", &snell_layer_forward);
+  m.impl("snell_layer_backward", &snell_layer_backward);
   m.impl("snell_dropout_pack", &snell_dropout_pack);
   m.impl("snell_dropout_apply", &snell_dropout_apply);
   m.impl("monarch_forward", &monarch_forward);

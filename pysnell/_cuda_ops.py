@@ -13,7 +13,6 @@ measurements showed that the default order (cuda -> triton -> torch) is not the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import _backend
 from .ops.snell import reference as snell_ref
@@ -176,58 +175,68 @@ def snell_merge_backward(G, A, B, params, spec, need_params):
     return (dA, dB) + _param_grads(dscalars, A, spec, need_params)
 
 
+def _sparsity_for_kernels(sparsity):
+    """(known zero on the host, float value, device tensor or None)."""
+    if snell_ref.known_zero_sparsity(sparsity):
+        return True, 0.0, None
+    return (False, *_sparsity_args(sparsity))
+
+
 def snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity):
     if not _snell_supported(A, B, spec, x2, weight):
         return _reference("snell.layer_forward")(x2, weight, bias, A, B, params, spec, sparsity)
-    colstats = _colstats(A, B, params, spec)
-    if snell_ref.known_zero_sparsity(sparsity):
-        thresholds = torch.zeros(spec.out_groups, dtype=torch.float32, device=A.device)
-        W = _weff(A, B, params, spec, colstats, weight, None, 0.0, x2.dtype)
-    else:
-        value, tensor = _sparsity_args(sparsity)
-        thresholds = _lib().snell_select(
-            A, B, *params, colstats, value, tensor, KERNEL_IDS[spec.kernel], spec.pieces, spec.out_groups
-        )
-        W = _weff(A, B, params, spec, colstats, weight, thresholds, sparsity, x2.dtype)
-    y = F.linear(x2, W, None if bias is None else bias.to(x2.dtype))
+    known_zero, value, tensor = _sparsity_for_kernels(sparsity)
+    # select, W_eff and the GEMM in one host call (csrc/binding.cpp), as y = F.linear(x2, W_eff, bias)
+    y, thresholds = _lib().snell_layer_forward(
+        x2,
+        weight,
+        bias,
+        A,
+        B,
+        *params,
+        _colstats(A, B, params, spec),
+        value,
+        tensor,
+        known_zero,
+        KERNEL_IDS[spec.kernel],
+        spec.pieces,
+        MODE_IDS[spec.mode],
+        spec.out_groups,
+    )
     return y, thresholds
 
 
 def snell_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs):
     if not _snell_supported(A, B, spec, dy2, x2, weight):
         return _reference("snell.layer_backward")(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, needs)
-    need_x, need_w, need_b, need_A, need_B = needs[:5]
+    need_x, need_w, need_b, need_A, need_B = (bool(n) for n in needs[:5])
     need_params = tuple(needs[5:])
-    t = None if snell_ref.known_zero_sparsity(sparsity) else thresholds
-    colstats = _colstats(A, B, params, spec)
-    dx = dweight = dbias = None
-    if need_x:
-        dx = dy2 @ _weff(A, B, params, spec, colstats, weight, t, sparsity, dy2.dtype)
-    if need_b:
-        dbias = dy2.sum(0)
-    grads = (None,) * 6
-    if need_w or need_A or need_B or any(need_params):
-        grad_s = dy2.t() @ x2.to(dy2.dtype)  # G_S in the GEMM dtype; the kernel casts it to A's dtype
-        if need_w:
-            dweight = grad_s.to(A.dtype).to(weight.dtype)
-        if need_A or need_B or any(need_params):
-            value, tensor = _sparsity_args(sparsity)
-            dA, dB, dscalars = _lib().snell_backward(
-                grad_s,
-                A,
-                B,
-                *params,
-                colstats,
-                t,
-                value,
-                tensor,
-                KERNEL_IDS[spec.kernel],
-                spec.pieces,
-                MODE_IDS[spec.mode],
-                spec.out_groups,
-            )
-            grads = (dA, dB) + _param_grads(dscalars, A, spec, need_params)
-    return (dx, dweight, dbias) + tuple(grads)
+    need_factor = need_A or need_B or any(need_params)
+    known_zero, value, tensor = _sparsity_for_kernels(sparsity)
+    # dx = dy2·W_eff, dbias, G_S = dy2ᵀ·x2 (the weight gradient when asked) and the factor gradients from
+    # G_S, in one host call (csrc/binding.cpp); results not asked for come back empty
+    dx, dweight, dbias, dA, dB, dscalars = _lib().snell_layer_backward(
+        dy2,
+        x2,
+        weight,
+        A,
+        B,
+        *params,
+        _colstats(A, B, params, spec),
+        None if known_zero else thresholds,
+        value,
+        tensor,
+        KERNEL_IDS[spec.kernel],
+        spec.pieces,
+        MODE_IDS[spec.mode],
+        spec.out_groups,
+        need_x,
+        need_w,
+        need_b,
+        need_factor,
+    )
+    grads = (dA, dB) + _param_grads(dscalars, A, spec, need_params) if need_factor else (None,) * 6
+    return (dx if need_x else None, dweight if need_w else None, dbias if need_b else None) + grads
 
 
 # ---- Monarch
@@ -311,6 +320,26 @@ def _register_fakes() -> None:
     @fake("snell_backward")
     def _(grad, A, B, coeffs, a, b, g, colstats, thresholds, s, st, kernel, pieces, mode, groups):
         return torch.empty_like(A), torch.empty_like(B), A.new_empty((pieces + 3,), dtype=torch.float32)
+
+    @fake("snell_layer_forward")
+    def _(x2, weight, bias, A, B, c, a, b, g, colstats, s, st, known_zero, kernel, pieces, mode, groups):
+        return x2.new_empty((x2.shape[0], B.shape[0])), A.new_empty((groups,), dtype=torch.float32)
+
+    @fake("snell_layer_backward")
+    def _(dy2, x2, weight, A, B, c, a, b, g, colstats, t, s, st, kernel, pieces, mode, groups, nx, nw, nb, nf):
+        def maybe(want, like, shape=None, dtype=None):
+            if not want:
+                return dy2.new_empty((0,))
+            return like.new_empty(like.shape if shape is None else shape, dtype=dtype or like.dtype)
+
+        return (
+            maybe(nx, x2, dtype=dy2.dtype),
+            maybe(nw, weight) if weight is not None else dy2.new_empty((0,)),
+            maybe(nb, dy2, shape=(dy2.shape[1],)),
+            maybe(nf, A),
+            maybe(nf, B),
+            maybe(nf, A, shape=(pieces + 3,), dtype=torch.float32),
+        )
 
     @fake("snell_dropout_pack")
     def _(keep):

@@ -78,15 +78,23 @@ def _conform(out, shape, dtype, device, inputs, wanted=True):
     return out.clone() if out.storage_offset() else out
 
 
-def _conform_all(items, inputs, device):
+def _conform_all(items, inputs, device, placeholders=True):
     """_conform over several returns, which must not alias each other either (e.g. three scalar
-    gradients sliced from one partial-sum buffer)."""
-    outs = [_conform(out, shape, dtype, device, inputs, wanted) for out, shape, dtype, wanted in items]
+    gradients sliced from one partial-sum buffer). An unwanted return is an empty placeholder for the
+    custom op (its schema returns tensors), None when `placeholders` is False (the eager path drops it)."""
+    outs = [
+        _conform(out, shape, dtype, device, inputs, wanted) if wanted or placeholders else None
+        for out, shape, dtype, wanted in items
+    ]
+    present = [out for out in outs if out is not None]
     # Distinct tensors that are not views own distinct storages: only views and repeats need the pointers.
-    if all(not out._is_view() for out in outs) and len({id(out) for out in outs}) == len(outs):
+    if all(not out._is_view() for out in present) and len({id(out) for out in present}) == len(present):
         return outs
     conformed, outs, ptrs = outs, [], set()
     for out in conformed:
+        if out is None:
+            outs.append(out)
+            continue
         ptr = out.untyped_storage().data_ptr() if out.numel() else None
         if ptr is not None and ptr in ptrs:
             out = out.clone()
@@ -100,12 +108,14 @@ def _absent_to_none(t: Tensor, wanted: bool):
     return t if wanted else None
 
 
-def _run(op, impl, *args):
+def _run(op, impl, *args, **eager_kwargs):
     """Under torch.compile / export: the opaque custom op. Eager: its implementation directly, since the
-    dispatcher round trip of a Python custom op costs tens of µs per call and the result is the same."""
+    dispatcher round trip of a Python custom op costs tens of µs per call and the result is the same.
+    `eager_kwargs` go to the eager call only (e.g. placeholders=False: no empty tensors for the
+    gradients nobody asked for, which the wrappers turn into None anyway)."""
     if torch.compiler.is_compiling():
         return op(*args)
-    return impl(*args)
+    return impl(*args, **eager_kwargs)
 
 
 def _flat_params(params: KernelParams):
@@ -250,6 +260,8 @@ def _snell_layer_backward_impl(
     mode: str,
     out_groups: int,
     needs: list[bool],
+    *,
+    placeholders: bool = True,
 ) -> list[Tensor]:
     _, impl = _backend.pick("snell.layer_backward", x2.device, size=B.shape[0] * A.shape[1])
     spec = SnellSpec(kernel, pieces, mode, out_groups)
@@ -258,7 +270,8 @@ def _snell_layer_backward_impl(
     grads = impl(dy2, x2, weight, A, B, params, spec, sparsity, thresholds, tuple(needs))
     inputs = (dy2, x2, weight, A, B, coeffs, alpha, beta, gamma, sparsity_t, thresholds)
     specs = _layer_grad_specs(dy2, x2, weight, A, B, coeffs, alpha, beta, gamma)
-    return _conform_all([(g, s, d, w) for g, (s, d), w in zip(grads, specs, needs)], inputs, dy2.device)
+    items = [(g, s, d, w) for g, (s, d), w in zip(grads, specs, needs)]
+    return _conform_all(items, inputs, dy2.device, placeholders)
 
 
 _snell_layer_backward = torch.library.custom_op(
@@ -268,7 +281,7 @@ _snell_layer_backward = torch.library.custom_op(
 
 @_snell_layer_backward.register_fake
 def _(dy2, x2, weight, A, B, coeffs, alpha, beta, gamma, sparsity_t, sparsity_f, thresholds, kernel, pieces, mode,
-      out_groups, needs):  # fmt: skip
+      out_groups, needs, *, placeholders=True):  # fmt: skip
     specs = _layer_grad_specs(dy2, x2, weight, A, B, coeffs, alpha, beta, gamma)
     return [dy2.new_empty(s if w else (0,), dtype=d) for (s, d), w in zip(specs, needs)]
 
@@ -313,6 +326,7 @@ def snell_layer_backward(dy2, x2, weight, A, B, params: KernelParams, spec: Snel
         thresholds,
         *spec,
         needs,
+        placeholders=False,
     )
     return tuple(_absent_to_none(g, w) for g, w in zip(grads, needs))
 

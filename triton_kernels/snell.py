@@ -46,7 +46,10 @@ _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_PIECES = 8
 
 # Selection tuning (module attributes so tests can force the pilot and its fallback paths).
-PILOT_MIN_NUMEL = 1 << 22  # groups with at least this many entries get a pilot pass
+# Groups with at least this many entries (and more than 4 samples' worth) get a pilot pass. H200,
+# benchmarks/tune_snell.py (session 7): the pilot's narrow first pass takes the selection at 768×3072
+# from 0.292 to 0.129 ms and ViT-B's qkv (3 groups of 768×768) from 0.218 to 0.142 ms.
+PILOT_MIN_NUMEL = 1 << 18
 PILOT_SAMPLES = 1 << 17
 PILOT_Z = 6.0  # bracket half-width in binomial standard deviations of the sample rank
 PILOT_BINS_LOG = 16
@@ -55,7 +58,11 @@ SMALL_BINS_LOG = 16  # without a pilot: 16 + 15 bits, two passes always resolve 
 _SAMPLE_MULT = 2654435761  # prime > any group size we accept: k·MULT mod N is a low-discrepancy walk
 # (rows, cols, warps) per program on a GPU: selection passes and W_eff, and the backward kernel.
 TILE = (64, 64, 8)
-BACKWARD_TILE = (64, 64, 8)
+# H200 sweep (benchmarks/tune_snell.py, session 7), factor gradients at r = 8, bf16 G_S: 4 warps take
+# 4096×11008 from 0.565 ms (8 warps) to 0.360 ms and 768×3072 from 0.058 to 0.043 ms, at 2 programs per SM.
+# An fp32 G_S (three tf32 products per dot) spills at 4 warps (snella: 576 B per thread): it keeps 8.
+BACKWARD_TILE = (64, 64, 4)
+BACKWARD_TILE_FP32 = (64, 64, 8)
 # The backward kernel holds several (rows, RP) and (RP, cols) fp32 tiles (RP: the padded rank), so
 # wider ranks take narrower tiles: these are the widest without register spills on sm_90
 # (compile-only sm_90 builds, every kernel family; fp32 G_S needs three tf32 products per dot).
@@ -833,7 +840,7 @@ def _backward_tiles(rp: int, gs_dtype: torch.dtype):
     if interpreting():
         return INTERPRET_TILE, INTERPRET_TILE, 4
     if rp <= 16:
-        return BACKWARD_TILE
+        return BACKWARD_TILE if gs_dtype != torch.float32 else BACKWARD_TILE_FP32
     if rp == 32 or (rp == 64 and gs_dtype != torch.float32):
         return BACKWARD_TILE_RP32
     return BACKWARD_TILE_WIDE
