@@ -87,19 +87,33 @@ def tune_backward(shapes, device, cuda) -> list[dict]:
         if cuda:
             settings += [(t, p) for t, p in itertools.product(TILES, PROGRAMS_PER_SM) if (t, p) != settings[0]]
         for tile, pps in settings:
-            restore = _setting(snell, BACKWARD_TILE=tile, BACKWARD_PROGRAMS_PER_SM=pps)
-            row = {"kernel": "factor_grads", "shape": label, "tile": list(tile), "programs_per_sm": pps}
-            try:
+
+            def check(run=run, ref_dA=ref_dA, ref_dB=ref_dB):
                 dA, dB, _ = run()
                 err = max(_rel(dA, ref_dA), _rel(dB, ref_dB))
-                row.update(rel_err=err, ok=err <= 1e-5, ms=_time_ms(run, cuda))
-            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: a row, not a crash
-                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            finally:
-                restore()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                return {"rel_err": err, "ok": err <= 1e-5}
+
+            row = {"kernel": "factor_grads", "shape": label, "tile": list(tile), "programs_per_sm": pps}
+            settings_ = {"BACKWARD_TILE": tile, "BACKWARD_PROGRAMS_PER_SM": pps}
+            rows.append(_measure(row, settings_, check, run, cuda))
     return rows
+
+
+def _measure(row, settings, check, run, cuda) -> dict:
+    """Under the module settings: check the results (a dict with "ok"), then time run(). A setting
+    that fails (out of shared memory or registers, say) becomes a row with its error, not a crash."""
+    from pysnell.triton_kernels import snell
+
+    restore = _setting(snell, **settings)
+    try:
+        row.update(check())
+        row["ms"] = _time_ms(run, cuda)
+    except Exception as exc:  # noqa: BLE001
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    finally:
+        restore()
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def tune_select(shapes, device, cuda) -> list[dict]:
@@ -111,19 +125,16 @@ def tune_select(shapes, device, cuda) -> list[dict]:
         numel = (m // groups) * n
         want = snell._select(geo, None, sparsity).clone()
         for pilot_min in sorted({snell.PILOT_MIN_NUMEL, 1 << 18, 1 << 40}):
-            restore = _setting(snell, PILOT_MIN_NUMEL=pilot_min)
             pilot = numel >= pilot_min and numel > 4 * snell.PILOT_SAMPLES
             row = {"kernel": "select", "shape": label, "pilot_min_numel": pilot_min, "pilot": pilot}
-            try:
-                got = snell._select(geo, None, sparsity)
-                same = torch.equal(got, want)
-                row.update(ok=same, ms=_time_ms(lambda geo=geo, s=sparsity: snell._select(geo, None, s), cuda))
-            except Exception as exc:  # noqa: BLE001
-                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-            finally:
-                restore()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+
+            def run(geo=geo, s=sparsity):
+                return snell._select(geo, None, s)
+
+            def check(run=run, want=want):
+                return {"ok": torch.equal(run(), want)}  # the selection is exact: bit for bit
+
+            rows.append(_measure(row, {"PILOT_MIN_NUMEL": pilot_min}, check, run, cuda))
     return rows
 
 

@@ -3,7 +3,8 @@
 `register()` runs once the library is loaded (pysnell/_jit.py). Each function below has exactly the
 signature of its op in pysnell/ops/<family>/function.py. The kernels cover float32, float16 and bfloat16
 and SNELL ranks up to 256; other inputs (float64 for gradcheck, larger ranks) run the torch reference
-op, which computes the same math. GEMMs (x·W_effᵀ, dY·W_eff, dYᵀ·X) are cuBLAS calls through torch.
+op, which computes the same math. GEMMs (x·W_effᵀ, dY·W_eff, dYᵀ·X) are cuBLAS calls through ATen,
+inside the layer ops of csrc/binding.cpp: a SNELL layer step makes one host call each way.
 
 AUTO_PREFERENCE is the one place that records which backend "auto" runs first on CUDA tensors when
 measurements showed that the default order (cuda -> triton -> torch) is not the fastest. Fill it from
