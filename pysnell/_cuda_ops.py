@@ -24,6 +24,8 @@ from .ops.snell import reference as snell_ref
 # - SNELL layer: CUDA wins up to 4096×4096 weights (768→3072: 3.9× vs Triton 5.2×; 4096²: 2.4× vs 3.0×),
 #   Triton from the 4096×11008 ones (1.7× vs 2.0×, and 1.72× vs 2.02× replayed from a CUDA graph, so the
 #   kernels, not the host). No shape between 2^24 and 45M entries was measured: the switch sits at 2^24.
+#   Session 7 (git 3ba0a88) confirms both tiers eagerly (768→3072: 3.14× vs 4.69×; 4096→11008: 2.03× vs
+#   1.59×); replayed from graphs, Triton is now faster at every size.
 #   At r = 32 the 4096×11008 layer measured CUDA 2.7× vs Triton 3.1×; the tiers follow the r = 8 rows.
 # - Monarch: the CUDA kernels lose 3.6–8.8× to dense at T = 8192 where Triton is 0.45–1.22× (forward /
 #   fwd+bwd at 4096), but win at small T: fwd+bwd 4.5× vs Triton 11.2× at T = 1, 2.5× vs 5.7× at T = 16,
