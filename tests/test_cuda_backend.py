@@ -355,6 +355,92 @@ def test_env_module_runs():
 
 
 # ------------------------------------------------------------------------------------------------
+# CPU: the Python side of the SNELL layer ops, on an emulated library
+
+
+class _EmulatedLayerOps:
+    """csrc/binding.cpp's snell_layer_forward / snell_layer_backward (and snell_colstats), as their schemas
+    read, computed with the torch backend: what _cuda_ops passes (argument order, ids, the known-zero
+    flag, the need flags) and how it maps the results back are checked without a GPU."""
+
+    def __init__(self):
+        from pysnell import _cuda_ops
+
+        self.kernels = {v: k for k, v in _cuda_ops.KERNEL_IDS.items()}
+        self.modes = {v: k for k, v in _cuda_ops.MODE_IDS.items()}
+        self.calls = []
+
+    def _spec(self, coeffs, alpha, beta, gamma, kernel, pieces, mode, groups):
+        spec = snell_ref.SnellSpec(self.kernels[kernel], pieces, self.modes[mode], groups)
+        return snell_ref.KernelParams(coeffs, alpha, beta, gamma), spec
+
+    def snell_colstats(self, A, B, coeffs, alpha, beta, gamma, kernel, pieces, groups):
+        assert self.kernels[kernel] == "snella"
+        return torch.full((groups, A.shape[1], 4), float("nan"))  # opaque here: the emulation recomputes
+
+    def snell_layer_forward(self, x2, weight, bias, A, B, c, a, b, g, colstats, value, tensor, known_zero, *ids):
+        params, spec = self._spec(c, a, b, g, *ids)
+        assert (colstats is not None) == (spec.kernel == "snella")
+        self.calls.append("forward")
+        sparsity = 0.0 if known_zero else (tensor if tensor is not None else value)
+        return snell_fn._torch_layer_forward(x2, weight, bias, A, B, params, spec, sparsity)
+
+    def snell_layer_backward(self, dy2, x2, weight, A, B, c, a, b, g, colstats, t, value, tensor, *rest):
+        kernel, pieces, mode, groups, need_x, need_w, need_b, need_factor = rest
+        params, spec = self._spec(c, a, b, g, kernel, pieces, mode, groups)
+        self.calls.append("backward")
+        sparsity = tensor if tensor is not None else value
+        if t is None:  # known zero: S = ΔW
+            assert sparsity == 0.0
+            t = torch.zeros(groups)
+        needs = (need_x, need_w, need_b, need_factor, need_factor) + (need_factor,) * 4
+        grads = snell_fn._torch_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, t, needs)
+        empty = torch.empty(0)
+        dscalars = torch.zeros(pieces + 3)
+        if need_factor:
+            if grads[5] is not None:
+                dscalars[:pieces] = grads[5]
+            for i, d in enumerate(grads[6:9]):
+                if d is not None:
+                    dscalars[pieces + i] = d
+        out = [v if v is not None else empty for v in grads[:5]]
+        return (*out, dscalars if need_factor else empty)
+
+
+@pytest.mark.parametrize("kernel", ["piecewise", "snella", "rbf"])
+@pytest.mark.parametrize("sparsity", [0.7, "tensor", 0.0])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_layer_ops_python_side_on_an_emulated_library(seed, monkeypatch, kernel, sparsity, groups):
+    from pysnell import _cuda_ops
+    from pysnell.functional import kernel_params
+
+    lib = _EmulatedLayerOps()
+    monkeypatch.setattr(_cuda_ops, "_lib", lambda: lib)
+    n, m, r, T = 10, 6 * groups, 4, 7
+    A, B = torch.randn(r, n) * 0.5, torch.randn(m, r) * 0.5
+    params = snell_ref.KernelParams(*kernel_params(A, kernel, 2, 0.1))
+    spec = snell_ref.SnellSpec(kernel, 2, "paper", groups)
+    s = torch.tensor(0.6, dtype=torch.float64) if sparsity == "tensor" else sparsity
+    x2, W, bias, dy2 = torch.randn(T, n), torch.randn(m, n), torch.randn(m), torch.randn(T, m)
+    y, t = _cuda_ops.snell_layer_forward(x2, W, bias, A, B, params, spec, s)
+    y_ref, t_ref = snell_fn._torch_layer_forward(x2, W, bias, A, B, params, spec, s)
+    torch.testing.assert_close((y, t), (y_ref, t_ref), rtol=0, atol=0)
+    for needs in [(True, True, True) + (True,) * 6, (True, False, False, True, False, False, True, False, True),
+                  (False, True, False) + (False,) * 6, (True, False, False) + (False,) * 6]:  # fmt: skip
+        got = _cuda_ops.snell_layer_backward(dy2, x2, W, A, B, params, spec, s, t, needs)
+        want = snell_fn._torch_layer_backward(dy2, x2, W, A, B, params, spec, s, t, needs)
+        assert len(got) == 9
+        for i, (g, w) in enumerate(zip(got, want)):
+            if not needs[i]:
+                assert g is None or i in (3, 4), i  # dA and dB come together with any factor gradient
+                continue
+            assert (g is None) == (w is None), i  # e.g. piecewise has no dalpha
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=f"gradient {i}")
+    assert lib.calls[:2] == ["forward", "backward"]
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU: the build, then every op against the reference
 
 DEV = "cuda"
