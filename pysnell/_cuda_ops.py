@@ -122,6 +122,11 @@ def _snell_supported(A, B, spec, *others) -> bool:
     )
 
 
+def _spec_ids(spec) -> tuple:
+    """(kernel id, pieces, mode id, groups): the spec as the C++ SNELL ops take it."""
+    return KERNEL_IDS[spec.kernel], spec.pieces, MODE_IDS[spec.mode], spec.out_groups
+
+
 def _colstats(A, B, params, spec):
     if spec.kernel != "snella":
         return None
@@ -139,10 +144,7 @@ def _weff(A, B, params, spec, colstats, weight, thresholds, sparsity, out_dtype)
         thresholds,
         value,
         tensor,
-        KERNEL_IDS[spec.kernel],
-        spec.pieces,
-        MODE_IDS[spec.mode],
-        spec.out_groups,
+        *_spec_ids(spec),
         out_dtype,
     )
 
@@ -201,10 +203,7 @@ def snell_layer_forward(x2, weight, bias, A, B, params, spec, sparsity):
         value,
         tensor,
         known_zero,
-        KERNEL_IDS[spec.kernel],
-        spec.pieces,
-        MODE_IDS[spec.mode],
-        spec.out_groups,
+        *_spec_ids(spec),
     )
     return y, thresholds
 
@@ -229,10 +228,7 @@ def snell_layer_backward(dy2, x2, weight, A, B, params, spec, sparsity, threshol
         None if known_zero else thresholds,
         value,
         tensor,
-        KERNEL_IDS[spec.kernel],
-        spec.pieces,
-        MODE_IDS[spec.mode],
-        spec.out_groups,
+        *_spec_ids(spec),
         need_x,
         need_w,
         need_b,
