@@ -73,6 +73,8 @@ def _problem(m, n, groups, device, seed=0):
 def tune_backward(shapes, device, cuda) -> list[dict]:
     from pysnell.triton_kernels import snell
 
+    from .harness import rel_rmse
+
     rows = []
     for label, m, n, groups in shapes:
         geo, sparsity, gs = _problem(m, n, groups, device)
@@ -90,7 +92,7 @@ def tune_backward(shapes, device, cuda) -> list[dict]:
 
             def check(run=run, ref_dA=ref_dA, ref_dB=ref_dB):
                 dA, dB, _ = run()
-                err = max(_rel(dA, ref_dA), _rel(dB, ref_dB))
+                err = max(rel_rmse(dA, ref_dA), rel_rmse(dB, ref_dB))
                 return {"rel_err": err, "ok": err <= 1e-5}
 
             row = {"kernel": "factor_grads", "shape": label, "tile": list(tile), "programs_per_sm": pps}
@@ -136,12 +138,6 @@ def tune_select(shapes, device, cuda) -> list[dict]:
 
             rows.append(_measure(row, {"PILOT_MIN_NUMEL": pilot_min}, check, run, cuda))
     return rows
-
-
-def _rel(got, want) -> float:
-    from .harness import rel_rmse
-
-    return rel_rmse(got, want)
 
 
 def _table(rows) -> str:

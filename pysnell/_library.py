@@ -57,16 +57,7 @@ def _conform(out, shape, dtype, device, inputs, wanted=True):
         return torch.empty(0, dtype=dtype, device=device)
     if out is None:
         return torch.zeros(shape, dtype=dtype, device=device)
-    if (
-        out.dtype == dtype
-        and out.shape == shape
-        and not out._is_view()
-        and out.is_contiguous()
-        and not out.storage_offset()
-        and not any(out is t for t in inputs)
-    ):
-        return out  # the usual case: a fresh buffer as declared (checked without building anything)
-    if tuple(out.shape) != tuple(shape):
+    if out.shape != shape:  # torch.Size against a tuple: no tuples built on the usual (equal) path
         out = out.reshape(shape)
     if out.dtype != dtype:
         out = out.to(dtype)

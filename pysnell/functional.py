@@ -82,15 +82,14 @@ def kernel_params(A, kernel, pieces, scale, coeffs=None, alpha=None, beta=None, 
         )
     elif coeffs.shape != (pieces,):
         raise ValueError(f"coeffs must have shape (pieces={pieces},), got {tuple(coeffs.shape)}")
-    if alpha is None and beta is None and gamma is None:  # kernels without learnable scalars: one lookup
-        defaults = _default_constant(("scalars", kernel, dev, dt), lambda: _default_scalars(kernel, dev, dt))
+    defaults = _default_constant(("scalars", kernel, dev, dt), lambda: _default_scalars(kernel, dev, dt))
+    if alpha is None and beta is None and gamma is None:  # kernels without learnable scalars: the defaults
         check_same_device(A=A, coeffs=coeffs)
         return (coeffs if coeffs.dtype == dt else coeffs.to(dt),) + defaults
-    init = ref.SCALAR_INIT.get(kernel, _NO_SCALARS)
     out = []
-    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+    for name, value, default in zip(("alpha", "beta", "gamma"), (alpha, beta, gamma), defaults):
         if value is None:
-            value = default_scalar(init[name], dev, dt)
+            value = default
         elif not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise ValueError(f"{name} must be a 1-element tensor, got {value!r}")
         out.append(value if value.dim() == 0 else value.reshape(()))

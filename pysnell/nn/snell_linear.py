@@ -125,12 +125,12 @@ class SNELLLinear(nn.Module):
         return t
 
     def _kernel_tensors(self):
-        get = getattr
+        has_scalars = self.kernel in ref.SCALAR_INIT  # other kernels have no α, β, γ: no lookups
         return {
-            "coeffs": self.snell_coeffs,
-            "alpha": get(self, "snell_alpha", None),
-            "beta": get(self, "snell_beta", None),
-            "gamma": get(self, "snell_gamma", None),
+            "coeffs": self._tensor("snell_coeffs"),
+            "alpha": self._tensor("snell_alpha") if has_scalars else None,
+            "beta": self._tensor("snell_beta") if has_scalars else None,
+            "gamma": self._tensor("snell_gamma") if has_scalars else None,
         }
 
     def _snell_kwargs(self):
@@ -146,7 +146,6 @@ class SNELLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        has_scalars = self.kernel in ref.SCALAR_INIT
         base = self.base
         return PF.snell_linear(
             x,
@@ -155,18 +154,10 @@ class SNELLLinear(nn.Module):
             self._tensor("snell_A"),
             self._tensor("snell_B"),
             sparsity=self._tensor("sparsity"),
-            kernel=self.kernel,
-            pieces=self.pieces,
-            scale=self.scale,
-            mode=self.mode,
-            coeffs=self._tensor("snell_coeffs"),
-            alpha=self._tensor("snell_alpha") if has_scalars else None,
-            beta=self._tensor("snell_beta") if has_scalars else None,
-            gamma=self._tensor("snell_gamma") if has_scalars else None,
-            out_groups=self.out_groups,
             dropout=self.dropout,
             drop_path=self.drop_path,
             training=self.training,
+            **self._snell_kwargs(),
         )
 
     def delta_weight(self) -> torch.Tensor:
