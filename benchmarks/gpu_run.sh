@@ -9,7 +9,7 @@
 #   PYSNELL_GIT_REV    the commit, for a tree copied without .git (else a hash of the sources)
 #   GPU_RUN_OPS        modules for the benchmark runner (default: all: topk,monarch,snell,model)
 #   GPU_RUN_MICRO=1    also run the pytest-benchmark micro-benchmarks (off by default: time)
-#   GPU_RUN_STEPS      which of tests,profile,tune,bench run after install and build (default tests,profile,bench:
+#   GPU_RUN_STEPS      which of tests,profile,tune,hostprof,bench run after install and build (default tests,profile,bench:
 #                      with the tune sweep (~25 s) the default 540 s budget leaves the benchmarks too little)
 #   GPU_RUN_TEST_S     the GPU tests' time cap in seconds (default 280; on an H200 all of them took ~205 s in
 #                      session 6, and 4 were still unrun at 230 s in session 7)
@@ -145,6 +145,12 @@ fi
 #     the pilot pass of the selection, each checked against the shipped setting.
 if [[ "$STEPS" == *,tune,* ]]; then
     run_step "3d knob sweep" "$(budget_for 100 180)" $PY -m benchmarks.tune_snell --out "$OUT"
+fi
+
+# 3e. Host profile (host_profile.txt in $OUT): cProfile of one layer step's host path, and the cost of a
+#     few host primitives (an empty tensor, an aten launch, a Triton launch) on this machine.
+if [[ "$STEPS" == *,hostprof,* ]]; then
+    run_step "3e host profile" "$(budget_for 90 180)" $PY -m benchmarks.host_profile --out "$OUT"
 fi
 
 # 4. Full benchmarks into benchmarks/results/<card>/ (rewritten after every module).

@@ -9,8 +9,8 @@ This script compiles each kernel of a SNELL layer step, a Monarch layer step and
 under pysnell.triton_kernels._aot.compile_only (sm_90, Triton's bundled ptxas, no launch), then times
 `JITFunction.run(..., warmup=True)` on the cache hit: the whole Python path of a launch except
 the final driver call (a few µs more on a GPU host). A second table times each whole call, all of
-pysnell's and Triton's Python up to a launcher that only records (_aot.fake_launches), with top-k's
-repeated rounds replayed by _host.Relaunch and without. Times are this CPU's; compare versions here.
+pysnell's and Triton's Python up to a launcher that only records (_aot.fake_launches), with
+_host.launch's direct launches and without. Times are this CPU's; compare versions here.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
 
 def _time_calls(reps: int) -> None:
     """Each whole call under a driver whose launcher only records (_aot.fake_launches): all of
-    pysnell's and Triton's Python, with top-k's repeated rounds replayed (_host.Relaunch) or not.
+    pysnell's and Triton's Python, with launches made directly after their specialisation's first one
+    (_host.launch: every launch of a repeated call) or all through Triton's path.
     Ops that launch only Triton kernels (the SNELL layer's GEMMs would run on this CPU)."""
     from pysnell.triton_kernels import _host
     from pysnell.triton_kernels._aot import fake_launches
@@ -92,7 +93,7 @@ def _time_calls(reps: int) -> None:
 
     print()
     print("Whole call: host Python up to the driver (launcher stubbed), this CPU, µs per call")
-    print("| op | Triton launches | every launch through Triton's path | repeated launches replayed |")
+    print("| op | Triton launches | every launch through Triton's path | direct launches (_host.launch) |")
     print("|---|---:|---:|---:|")
     with fake_launches() as launches:
         for label, fn in _workloads():

@@ -171,7 +171,7 @@ def format_report(r: dict) -> str:
         )
         lines.append(f"         ops: {', '.join(t.get('ops', [])) or 'none'}")
         if t.get("relaunch"):
-            lines.append(f"         repeated launches replayed (top-k rounds): {t['relaunch']}")
+            lines.append(f"         direct launches (Triton's launch path once per specialisation): {t['relaunch']}")
         if t.get("error"):
             lines.append(f"         error: {t['error']}")
         for family, reason in t.get("family_errors", {}).items():

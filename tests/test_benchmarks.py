@@ -326,6 +326,25 @@ def test_step_profile_quick_writes_its_table(tmp_path):
     assert (tmp_path / "profile.md").read_text().count("\n| ") == len(data["rows"]) + 1
 
 
+def test_host_profile_quick_profiles_every_case(tmp_path):
+    # benchmarks.host_profile on CPU: host primitives, then a cProfile table per case and the summary
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_profile", "--quick", "--top", "5", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = (tmp_path / "host_profile.txt").read_text()
+    assert "Triton launch, 31 arguments + 1 constexpr" in text
+    summary = text[text.index("| case | provider |") :].splitlines()[2:]
+    cases = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]) for line in summary}
+    for label in ("snell_layer T16 24x20", "SNELLLinear T16 24x20"):
+        assert {(label, "pysnell_triton"), (label, "pysnell_torch")} <= cases, cases
+    assert ("monarch T1 32 nb4", "dense") in cases and ("snell_layer T16 24x20", "full_ft") in cases
+    assert len(cases) == 8 and text.count("under cProfile, per step:") == 8
+    assert all(float(line.strip("|").split("|")[2]) > 0 for line in summary)
+
+
 def test_snell_knob_sweep_quick_checks_every_setting(tmp_path):
     # benchmarks.tune_snell on CPU: the shipped setting per kernel and shape, checked against itself
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="1")

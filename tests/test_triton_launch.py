@@ -1,11 +1,13 @@
-"""_host.Relaunch: a replayed launch is exactly the launch Triton's own path makes.
+"""_host.launch: a direct launch is exactly the launch Triton's own path makes.
 
 Without a GPU, `_aot.fake_launches()` runs Triton's whole launch path for sm_90 (compiling with its
 bundled ptxas) up to the launcher, which records its arguments. In a subprocess (the interpreter
-must be off), every launch Relaunch replays is followed by the same call through `kernel[grid]`,
-and the two recorded launches must be identical: grid, stream, compiled function (one per binary),
-packed metadata, launch metadata, hooks and every parameter value. Then each way a call can specialise differently
-must take Triton's path. On a GPU the top-k tests run with replays on; one test compares on and off.
+must be off), every launch `_host.launch` makes directly (skipping Triton's path) is followed by the
+same call through `kernel[grid]`, and the two recorded launches must be identical: grid, stream,
+compiled function (one per binary), packed metadata, launch metadata, hooks and every parameter
+value. This runs over every kernel family (top-k, the SNELL layer, Monarch, dropout), each call
+twice. Then each way a call can specialise differently must take Triton's path. On a GPU every test
+runs with direct launches on; one test compares on and off.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ _SCRIPT = textwrap.dedent(
     import json, os
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
-    from pysnell.triton_kernels import _aot, _host, topk as tk
+    from pysnell.functional import kernel_params
+    from pysnell.ops.monarch.function import monarch_shapes
+    from pysnell.ops.snell.reference import KernelParams, SnellSpec
+    from pysnell.triton_kernels import _aot, _host, monarch, snell, topk as tk
 
     def same(a, b):
         # launch metadata: a fresh LazyDict per launch (name, function, stream), compared by content
@@ -38,71 +43,108 @@ _SCRIPT = textwrap.dedent(
 
     out = {"mismatches": [], "checked": 0}
     first_calls = []
-    launch = _host.Relaunch._launch
 
-    def checked(self, grid, *args, **kwargs):
-        if not first_calls:
-            first_calls.append((self.kernel, grid, args, kwargs))
-        before = self.replays
-        result = launch(self, grid, *args, **kwargs)
-        if self.replays > before:  # replayed: Triton's own path must launch exactly the same
-            mine = launches[-1]
-            self.kernel[grid](*args, **kwargs)
-            theirs = launches.pop()
-            out["checked"] += 1
-            if not same(mine, theirs):
-                out["mismatches"].append(repr(self.kernel))
-        return result
+    def observe(kernel, grid, args, kwargs):
+        # a direct launch just happened: Triton's own path must launch exactly the same
+        mine = launches[-1]
+        kernel[grid](*args, **kwargs)
+        theirs = launches.pop()
+        out["checked"] += 1
+        if not same(mine, theirs):
+            out["mismatches"].append(repr(kernel))
 
-    _host.Relaunch._launch = checked
     torch.manual_seed(0)
     base = torch.randn(4096 * 1024 + 1)
+    n = m = 96
+    A, B = torch.rand(8, n) * 0.1, torch.rand(3 * m, 8) * 0.1
+    x, W, dy = (torch.randn(s, dtype=torch.bfloat16) for s in ((40, n), (3 * m, n), (40, 3 * m)))
+    t3 = torch.zeros(3)
+
+    def snell_step(kernel, groups):
+        params = KernelParams(*kernel_params(A, kernel, 2, 0.1))
+        spec = SnellSpec(kernel, 2, "reference", groups)
+        snell.layer_forward(x, W, None, A, B, params, spec, 0.9)
+        snell.layer_backward(dy, x, W, A, B, params, spec, 0.9, t3[:groups], (True,) * 9)
+
+    w1s, w2s = monarch_shapes(256, 192, 4)
+    w1, w2 = torch.randn(w1s, dtype=torch.bfloat16), torch.randn(w2s, dtype=torch.bfloat16)
+    xm, dym = torch.randn(24, 256, dtype=torch.bfloat16), torch.randn(24, 192, dtype=torch.bfloat16)
+
+    def monarch_step():
+        monarch.monarch_forward(xm, w1, w2, None, 192)
+        monarch.monarch_backward(dym, xm, w1, w2, (True, True, True))
+
+    keep = torch.rand(40, n) > 0.1
     calls = {
-        "sample path, fp32": lambda: tk.topk_mask_(base[:-1].clone(), 0.9, None, True),
-        "misaligned view": lambda: tk.topk_mask_(base[1:], 0.9, None, False),
-        "device sparsity": lambda: tk.topk_mask_(base[:-1].clone(), torch.tensor(0.75), None, True),
-        "k-mode, odd bf16 row": lambda: tk.topk_mask_(torch.randn(1001).bfloat16(), None, 123, True),
-        "3 groups": lambda: tk.topk_threshold(torch.randn(3, 5000), 0.5),
+        "top-k sample path, fp32": lambda: tk.topk_mask_(base[:-1].clone(), 0.9, None, True),
+        "top-k misaligned view": lambda: tk.topk_mask_(base[1:], 0.9, None, False),
+        "top-k device sparsity": lambda: tk.topk_mask_(base[:-1].clone(), torch.tensor(0.75), None, True),
+        "top-k k-mode, odd bf16 row": lambda: tk.topk_mask_(torch.randn(1001).bfloat16(), None, 123, True),
+        "top-k 3 groups": lambda: tk.topk_threshold(torch.randn(3, 5000), 0.5),
+        "SNELL piecewise": lambda: snell_step("piecewise", 1),
+        "SNELL snella, 3 groups": lambda: snell_step("snella", 3),
+        "Monarch 256->192": monarch_step,
+        "dropout": lambda: snell.dropout_apply(x, snell.dropout_pack(keep), torch.ones(40)),
     }
     with _aot.fake_launches() as launches:
+        _host._observer = observe
         for name, call in calls.items():
             for on in (False, True):
                 with _host.use_relaunch(on):
-                    n0, c0 = len(launches), out["checked"]
-                    call()
-                    out[f"{name} {on}"] = [len(launches) - n0, out["checked"] - c0]
+                    _host._SITES.clear()
+                    counts = []
+                    for _ in range(2):  # a first call, and the same call again
+                        n0, c0 = len(launches), out["checked"]
+                        call()
+                        counts.append([len(launches) - n0, out["checked"] - c0])
+                    out[f"{name} {on}"] = counts
 
-        # Each way of specialising differently takes Triton's path (no replay).
-        kernel, grid, args, kwargs = first_calls[0]
+        # Each way of specialising differently takes Triton's path (no direct launch).
+        record = []
+        real_launch = _host.launch
+
+        def first(kernel, grid, *args, **kwargs):
+            if kernel is tk._round_kernel and not record:
+                record.append((grid, args, kwargs))
+            return real_launch(kernel, grid, *args, **kwargs)
+
+        tk.launch = first
+        tk.topk_mask_(base[:-1].clone(), 0.9, None, True)
+        tk.launch = real_launch
+        grid, args, kwargs = record[0]
+        kernel = tk._round_kernel
         i_launch, i_n = 6, 10  # positions of `launch` (not specialised) and `n` (specialised)
 
-        def replays(args2, kwargs2=kwargs, grid2=grid):
-            r = _host.Relaunch(kernel)
-            r[grid](*args, **kwargs)
-            r[grid2](*args2, **kwargs2)
-            return r.replays
+        def direct(args2, kwargs2=kwargs, grid2=grid):
+            _host._SITES.clear()
+            _host.launch(kernel, grid, *args, **kwargs)
+            before = _host.replays
+            _host.launch(kernel, grid2, *args2, **kwargs2)
+            return _host.replays - before
 
         def with_arg(i, value):
             return args[:i] + (value,) + args[i + 1 :]
 
-        x = args[0]
+        x0 = args[0]
         out["variants"] = {
-            "same arguments": replays(args),
-            "launch number 2": replays(with_arg(i_launch, 2)),
-            "new tensor, same layout": replays(with_arg(0, torch.empty_like(x))),
-            "other grid": replays(args, grid2=(grid[0] + 1, grid[1])),
-            "launch number 2**31 (i64)": replays(with_arg(i_launch, 2**31)),
-            "n not a multiple of 16": replays(with_arg(i_n, args[i_n] + 1)),
-            "misaligned tensor": replays(with_arg(0, torch.empty(x.numel() + 1)[1:])),
-            "bf16 tensor": replays(with_arg(0, x.bfloat16())),
-            "constexpr changed": replays(args, {**kwargs, "SAMPLE_ROUNDS": kwargs["SAMPLE_ROUNDS"] + 1}),
-            "constexpr bool for int": replays(args, {**kwargs, "SAMPLE_ROUNDS": bool(kwargs["SAMPLE_ROUNDS"])}),
-            "option changed": replays(args, {**kwargs, "num_warps": kwargs["num_warps"] // 2}),
-            "keyword dropped": replays(args, {k: v for k, v in kwargs.items() if k != "enable_fp_fusion"}),
-            "callable grid": replays(args, grid2=lambda meta: grid),
+            "same arguments": direct(args),
+            "launch number 2": direct(with_arg(i_launch, 2)),
+            "new tensor, same layout": direct(with_arg(0, torch.empty_like(x0))),
+            "other grid": direct(args, grid2=(grid[0] + 1, grid[1])),
+            "launch number 2**31 (i64)": direct(with_arg(i_launch, 2**31)),
+            "n not a multiple of 16": direct(with_arg(i_n, args[i_n] + 1)),
+            "n equal to 1": direct(with_arg(i_n, 1)),
+            "misaligned tensor": direct(with_arg(0, torch.empty(x0.numel() + 1)[1:])),
+            "bf16 tensor": direct(with_arg(0, x0.bfloat16())),
+            "constexpr changed": direct(args, {**kwargs, "SAMPLE_ROUNDS": kwargs["SAMPLE_ROUNDS"] + 1}),
+            "constexpr bool for int": direct(args, {**kwargs, "SAMPLE_ROUNDS": bool(kwargs["SAMPLE_ROUNDS"])}),
+            "option changed": direct(args, {**kwargs, "num_warps": kwargs["num_warps"] // 2}),
+            "keyword dropped": direct(args, {k: v for k, v in kwargs.items() if k != "enable_fp_fusion"}),
+            "callable grid": direct(args, grid2=lambda meta: grid),
         }
         with _host.use_relaunch(False):
-            out["variants"]["relaunch off"] = replays(with_arg(i_launch, 2))
+            out["variants"]["relaunch off"] = direct(with_arg(i_launch, 2))
+        _host._observer = None
 
     # The compile-only harness sees every launch (the sm_90 checks and launch_cost rely on it).
     with _aot.compile_only() as captured:
@@ -132,23 +174,27 @@ def test_replayed_launches_equal_tritons_own():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["mismatches"] == [], out
-    # launches per call with replays off and on: same count; replays = round launches - 1
-    expected_replays = {
-        "sample path, fp32": 5,  # 2 sample rounds, compaction, 4 rounds, mask: 6 rounds
-        "misaligned view": 5,
-        "device sparsity": 5,
-        "k-mode, odd bf16 row": 3,  # 4 full-row rounds, tie counts, mask
-        "3 groups": 3,  # 4 rounds
+    # Per call: [launches, direct launches]. Off: every launch is Triton's. On: the first call
+    # launches each repeated specialisation directly after its first launch (top-k's rounds), and
+    # the same call again launches everything directly; the launch counts never change.
+    first_call_direct = {
+        "top-k sample path, fp32": 5,  # 2 sample rounds, compaction, 4 rounds, mask: 6 rounds
+        "top-k misaligned view": 5,
+        "top-k device sparsity": 5,
+        "top-k k-mode, odd bf16 row": 3,  # 4 full-row rounds, tie counts, mask
+        "top-k 3 groups": 3,  # 4 rounds
+        "SNELL snella, 3 groups": 1,  # the column pass, forward and backward alike
     }
-    for name, replays in expected_replays.items():
-        launches_off, checked_off = out[f"{name} False"]
-        launches_on, checked_on = out[f"{name} True"]
-        assert checked_off == 0 and launches_on == launches_off, (name, out)
-        assert checked_on == replays, (name, out)
-    replayed = {"same arguments", "launch number 2", "new tensor, same layout", "other grid"}
-    for variant, replays in out["variants"].items():
-        assert replays == (1 if variant in replayed else 0), (variant, out["variants"])
-    assert out["checked"] == sum(expected_replays.values()) + len(replayed)  # every replay compared
+    for name in [k.removesuffix(" True") for k in out if k.endswith(" True")]:
+        (n_off, d_off), (n_off2, d_off2) = out[f"{name} False"]
+        (n_on, d_on), (n_on2, d_on2) = out[f"{name} True"]
+        assert d_off == d_off2 == 0 and n_on == n_off == n_on2 == n_off2 > 0, (name, out)
+        assert d_on == first_call_direct.get(name, 0), (name, out)
+        assert d_on2 == n_on2, (name, out)  # the second call: every launch direct
+    assert len([k for k in out if k.endswith(" True")]) == 9
+    direct = {"same arguments", "launch number 2", "new tensor, same layout", "other grid"}
+    for variant, n_direct in out["variants"].items():
+        assert n_direct == (1 if variant in direct else 0), (variant, out["variants"])
     assert out["compile_only launches"] == 8
 
 
@@ -164,14 +210,14 @@ def test_relaunch_passes_through_under_the_interpreter():
         def __getitem__(self, grid):
             return lambda *a, **k: calls.append((grid, a, k)) or "compiled"
 
-    # the interpreter has no compiled kernel to replay: every launch is the kernel's own, even when on
+    # the interpreter has no compiled kernel to launch: every launch is the kernel's own, even when on
+    before = _host.replays
     with _host.use_relaunch(True):
         assert _host.relaunch_enabled() is False
         assert "unused under the interpreter" in _host.relaunch_state()
-        r = _host.Relaunch(Kernel())
         for i in range(3):
-            assert r[(2, 1)](i, BLOCK=4) == "compiled"
-    assert r.replays == 0 and calls == [((2, 1), (i,), {"BLOCK": 4}) for i in range(3)]
+            assert _host.launch(Kernel(), (2, 1), i, BLOCK=4) == "compiled"
+    assert _host.replays == before and calls == [((2, 1), (i,), {"BLOCK": 4}) for i in range(3)]
 
 
 @pytest.mark.gpu
@@ -188,3 +234,39 @@ def test_topk_with_and_without_replays_agree_on_gpu(dtype):
             results.append(tk.topk_mask_(x.clone().view(-1), 0.9, None, True))
     (y0, t0, p0), (y1, t1, p1) = results
     assert torch.equal(y0, y1) and torch.equal(t0, t1) and torch.equal(p0, p1)
+
+
+@pytest.mark.gpu
+def test_snell_and_monarch_with_and_without_direct_launches_agree_on_gpu():
+    pytest.importorskip("triton")
+    from pysnell.triton_kernels import _host
+
+    import pysnell
+
+    torch.manual_seed(0)
+    snell = pysnell.SNELLLinear(torch.nn.Linear(768, 2304, device="cuda"), r=8, sparsity=0.9, out_groups=3)
+    monarch = pysnell.MonarchLinear(768, 3072, 4, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 197, 768, device="cuda")
+    results = []
+    before, backend = _host.replays, pysnell.get_backend()
+    pysnell.set_backend("triton")
+    try:
+        for on in (False, True, True):  # the second on-run launches every kernel directly
+            with _host.use_relaunch(on):
+                got = []
+                for layer, inp in ((snell, x), (monarch, x.bfloat16())):
+                    xi = inp.clone().requires_grad_()
+                    layer.zero_grad()
+                    y = layer(xi)
+                    y.backward(torch.ones_like(y))
+                    got += [y, xi.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+                results.append(got)
+    finally:
+        pysnell.set_backend(backend)
+    assert pysnell.last_backend("snell.layer_backward") == "triton"
+    assert pysnell.last_backend("monarch.backward") == "triton"
+    assert _host.replays > before
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

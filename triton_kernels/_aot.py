@@ -6,8 +6,8 @@ on a GPU over CPU tensors that nothing reads. The sm_90 compile checks in tests/
 benchmarks/launch_cost.py use it. TRITON_INTERPRET must be unset before triton is imported.
 
 Inside `fake_launches()` Triton's whole launch path runs as on a GPU, up to the launcher call,
-which records its arguments instead of launching: the tests compare what `_host.Relaunch`
-launches with what Triton's own path launches.
+which records its arguments instead of launching: the tests compare what `_host.launch`
+launches directly with what Triton's own path launches.
 """
 
 from __future__ import annotations

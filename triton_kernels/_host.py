@@ -11,8 +11,8 @@
   constants, spent ~20 of its ~30 µs of launch overhead there. A KernelConstant's `!=` against
   another one is a plain value comparison; everywhere else (inside kernels, in the compile cache
   key) it is an ordinary `tl.constexpr`.
-- `Relaunch`: launches of one kernel within one host call with Triton's Python launch path paid
-  once (top-k's rounds launch the same kernel up to six times per call).
+- `launch(kernel, grid, *args, **kwargs)`: `kernel[grid](...)` with Triton's Python launch path
+  paid once per specialisation, not per launch (every pysnell kernel launches through it).
 """
 
 import contextlib
@@ -70,7 +70,7 @@ class KernelConstant(tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------------
-# Relaunch: repeated launches of one kernel without Triton's Python launch path.
+# launch: Triton's Python launch path paid once per specialisation, not once per launch.
 
 RELAUNCH_ENV = "PYSNELL_TRITON_RELAUNCH"
 # The launch statement below is JITFunction.run's in these Triton releases (checked by
@@ -80,10 +80,13 @@ _relaunch = {
     "on": os.environ.get(RELAUNCH_ENV, "1").strip() != "0",
     "supported": knobs is not None and ".".join(triton.__version__.split(".")[:2]) in RELAUNCH_TRITON,
 }
+MAX_PLANS_PER_SITE = 64  # compiled kernels remembered per call shape (cleared when full)
+replays = 0  # launches that skipped Triton's path (tests and benchmarks read it)
+_observer = None  # tests: called as (kernel, grid, args, kwargs) after each replayed launch
 
 
 def set_relaunch(on: bool) -> None:
-    """Whether Relaunch may skip Triton's launch path (PYSNELL_TRITON_RELAUNCH=0 sets False), for
+    """Whether `launch` may skip Triton's launch path (PYSNELL_TRITON_RELAUNCH=0 sets False), for
     measurements and as a way out."""
     _relaunch["on"] = bool(on)
 
@@ -100,7 +103,7 @@ def use_relaunch(on: bool):
 
 
 def relaunch_state() -> str:
-    """One line for `python -m pysnell.env`: whether repeated launches skip Triton's launch path."""
+    """One line for `python -m pysnell.env`: whether launches skip Triton's launch path."""
     if not _relaunch["supported"]:
         return f"off (written for Triton {', '.join(RELAUNCH_TRITON)}, this is {triton.__version__})"
     if not _relaunch["on"]:
@@ -112,120 +115,125 @@ def relaunch_enabled() -> bool:
     return _relaunch["on"] and _relaunch["supported"] and not INTERPRETED
 
 
-class Relaunch:
-    """Launches of one Triton kernel within one host call: `Relaunch(kernel)[grid](*args, **kwargs)`.
+def launch(kernel, grid, *args, **kwargs):
+    """`kernel[grid](*args, **kwargs)`, with Triton's Python launch path run once per specialisation.
 
-    Every launch through `kernel[grid]` runs ~15 µs of Python before the driver call (argument
-    binding, specialisation, compile-cache lookup, global-constant checks; benchmarks/launch_cost.py).
-    The first launch here takes that path and keeps the compiled kernel it returns. A later launch
-    whose arguments specialise exactly as that one's did launches the compiled kernel directly, with
-    the statements JITFunction.run ends with. "Exactly": bound the same way (same positional count,
-    same keywords), equal options and constexprs of the same type, and every other argument that is
-    not the same object specialised by Triton's own function (the binder's, with the parameter's
-    flags) to the same result. Anything else, a callable grid or another device takes the full path.
-    Make one per host call: it holds the first launch's arguments until it is dropped, and takes a
-    tensor passed again as the same object to specialise as before (do not set_/resize_ it between).
+    Every launch through `kernel[grid]` runs tens of µs of Python before the driver call (argument
+    binding, specialisation, the compile-cache lookup, global-constant checks; about 60 µs per
+    launch on an H200 machine's host, benchmarks/host_profile.py), and a SNELL or Monarch layer step
+    makes 5 to 8 of them. Here the first launch of each specialisation takes Triton's path and its
+    compiled kernel is kept; a later launch that specialises alike launches it directly, with the
+    statements JITFunction.run ends with. "Alike": the same call shape (positional count, keyword
+    names), equal constexprs and options of the same types, Triton's debug and instrumentation
+    knobs unchanged, the same current device, and per runtime argument a key at least as fine as
+    Triton's own specialisation under the parameter's do_not_specialize flags (tensor: dtype and
+    16-byte alignment; int: ==1, multiple of 16, 32/64-bit range; float, bool, None: the type).
+    Anything else (a callable grid, an argument of another type, another Triton, the interpreter,
+    PYSNELL_TRITON_RELAUNCH=0) takes Triton's path. Kernel globals are compile-time constants here:
+    Triton's check that they did not change runs on the first launch of each specialisation only.
     """
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.replays = 0  # launches that skipped Triton's path (tests count them)
-        self._first = None  # _FirstLaunch, once a launch went through Triton's path
-
-    def __getitem__(self, grid):
-        return functools.partial(self._launch, grid)
-
-    def _launch(self, grid, *args, **kwargs):
-        replayable = relaunch_enabled() and not callable(grid)
-        first = self._first
-        if replayable and first is not None:
-            values = first.values_for(args, kwargs)
-            if values is not None and first.specialises_alike(values):
-                device = driver.active.get_current_device()
-                if device == first.device:
-                    kernel = first.compiled
-                    stream = driver.active.get_current_stream(device)
-                    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-                    # As JITFunction.run launches after its compile-cache hit.
-                    launch_metadata = kernel.launch_metadata(grid, stream, *values)
-                    kernel.run(*g, stream, kernel.function, kernel.packed_metadata, launch_metadata,
-                               knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)  # fmt: skip
-                    self.replays += 1
-                    return kernel
-        compiled = self.kernel[grid](*args, **kwargs)
-        if replayable and first is None:
-            self._first = _FirstLaunch.of(self.kernel, args, kwargs, compiled)
+    if not (_relaunch["on"] and _relaunch["supported"]) or INTERPRETED or callable(grid):
+        return kernel[grid](*args, **kwargs)
+    names = tuple(kwargs)
+    site = _SITES.get((id(kernel), len(args), names))
+    if site is None:
+        site = _SITES[(id(kernel), len(args), names)] = _Site(kernel, len(args), names)
+    if not site.ok:
+        return kernel[grid](*args, **kwargs)
+    given = args + tuple(kwargs.values())
+    values = site.values(given)
+    key = site.key(values, given)
+    device = driver.active.get_current_device()
+    try:
+        compiled = site.plans.get((device, key)) if key is not None else None
+    except TypeError:  # an unhashable constexpr or option: Triton's path
+        key = compiled = None
+    if compiled is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if key is not None and _launchable(compiled):
+            if len(site.plans) >= MAX_PLANS_PER_SITE:
+                site.plans.clear()
+            site.plans[(device, key)] = compiled
         return compiled
+    stream = driver.active.get_current_stream(device)
+    n = len(grid)
+    # As JITFunction.run launches after its compile-cache hit.
+    launch_metadata = compiled.launch_metadata(grid, stream, *values)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, compiled.function,
+                 compiled.packed_metadata, launch_metadata, knobs.runtime.launch_enter_hook,
+                 knobs.runtime.launch_exit_hook, *values)  # fmt: skip
+    global replays
+    replays += 1
+    if _observer is not None:
+        _observer(kernel, grid, args, kwargs)
+    return compiled
 
 
+def _launchable(compiled) -> bool:
+    return compiled is not None and not hasattr(compiled, "result") and hasattr(compiled, "packed_metadata")
+
+
+_SITES: dict = {}  # (id(kernel), positional count, keyword names) -> _Site (each holds its kernel)
 _NO_DEFAULT = object()
-_SIGNATURES: dict = {}
+_INT_RANGE = (-(2**31), 2**31, 2**63)
 
 
-def _signature(kernel):
-    """(parameters, their names, per parameter the binder's flags: is_constexpr, is_const,
-    specialise, align), read once per kernel."""
-    sig = _SIGNATURES.get(kernel)
-    if sig is None:
-        params = tuple(kernel.params)
-        flags = tuple(
-            (p.is_constexpr, p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment) for p in params
+class _Site:
+    """One call shape of a kernel: where each parameter's value comes from (a positional argument, a
+    keyword or the default), which parameters are constexprs, which keywords are options, and the
+    compiled kernel per specialisation."""
+
+    def __init__(self, kernel, n_args: int, names: tuple):
+        self.kernel = kernel  # keeps id(kernel) from being reused while this entry exists
+        self.plans = {}
+        self.ok = False
+        params = getattr(kernel, "params", None)
+        if params is None or getattr(kernel, "pre_run_hooks", None) or n_args > len(params):
+            return  # not a JITFunction (a stub, a wrapper) or one with hooks: Triton's path always
+        kw_index = {name: n_args + i for i, name in enumerate(names)}
+        param_names = {p.name for p in params}
+        defaults, source = [], []
+        for i, p in enumerate(params):
+            if i < n_args:
+                source.append(i)
+            elif p.name in kw_index:
+                source.append(kw_index[p.name])
+            elif p.has_default:
+                source.append(n_args + len(names) + len(defaults))
+                defaults.append(p.default)
+            else:
+                return  # a missing argument: Triton's path raises its own error
+        self.defaults = tuple(defaults)
+        self.source = tuple(source)
+        self.constexprs = tuple(i for i, p in enumerate(params) if p.is_constexpr)
+        # runtime parameters with Triton's flags: values specialise (==1, divisibility) and on alignment
+        self.runtime = tuple(
+            (i, not p.do_not_specialize, not p.do_not_specialize and not p.do_not_specialize_on_alignment)
+            for i, p in enumerate(params)
+            if not p.is_constexpr
         )
-        sig = _SIGNATURES[kernel] = (params, frozenset(p.name for p in params), flags)
-    return sig
+        self.options = tuple(kw_index[name] for name in names if name not in param_names)
+        self.ok = True
 
+    def values(self, given: tuple) -> list:
+        """Every parameter's value in signature order, as the binder lists them."""
+        full = given + self.defaults
+        return [full[i] for i in self.source]
 
-class _FirstLaunch:
-    """A launch that went through Triton's path: its compiled kernel, how its call bound to the
-    kernel's parameters, every parameter's value, and what specialising one more value needs."""
-
-    @classmethod
-    def of(cls, kernel, args, kwargs, compiled):
-        """None where a replay cannot be exact or this Triton is not the one the replay mirrors."""
-        try:
-            if compiled is None or kernel.pre_run_hooks or not hasattr(compiled, "packed_metadata"):
+    def key(self, values: list, given: tuple):
+        """What the compiled kernel depends on, or None for an argument type this does not model."""
+        fixed = tuple([values[i] for i in self.constexprs] + [given[i] for i in self.options])
+        parts = [fixed, tuple(map(type, fixed)), knobs.runtime.debug, knobs.compilation.instrumentation_mode]
+        lo, hi, top = _INT_RANGE
+        for i, specialise, align in self.runtime:
+            v = values[i]
+            t = type(v)
+            if t is int:
+                parts.append((specialise and v == 1, align and v & 15 == 0, lo <= v < hi, v < top))
+            elif t is float or t is bool or v is None:
+                parts.append(t)
+            elif isinstance(v, torch.Tensor):
+                parts.append((v.dtype, align and v.data_ptr() & 15 == 0))
+            else:
                 return None
-            self = cls()
-            self.device = driver.active.get_current_device()
-            _, _, _, self.backend, binder = kernel.device_caches[self.device]
-            self.specialize = binder.__globals__["specialize_impl"]
-            params, names, self.flags = _signature(kernel)
-            if len(args) > len(params):
-                return None
-            # parameters after the positional ones: (name, from kwargs?, default)
-            self.tail = tuple(
-                (p.name, p.name in kwargs, p.default if p.has_default else _NO_DEFAULT) for p in params[len(args) :]
-            )
-            if any(not given and default is _NO_DEFAULT for _, given, default in self.tail):
-                return None
-            self.n_args = len(args)
-            self.keys = tuple(kwargs)
-            self.options = tuple((k, v) for k, v in kwargs.items() if k not in names)
-            self.compiled = compiled
-            self.values = self.values_for(args, kwargs)
-            return self if self.values is not None else None
-        except (AttributeError, KeyError, TypeError, ValueError):  # another Triton: its own path always
-            return None
-
-    def values_for(self, args, kwargs):
-        """Every parameter's value in signature order (as the binder lists them), or None when the
-        call binds differently or its options differ."""
-        if len(args) != self.n_args or tuple(kwargs) != self.keys:
-            return None
-        for k, v in self.options:
-            new = kwargs[k]
-            if type(new) is not type(v) or new != v:
-                return None
-        return [*args, *(kwargs[name] if given else default for name, given, default in self.tail)]
-
-    def specialises_alike(self, values) -> bool:
-        specialize, backend = self.specialize, self.backend
-        for new, old, (is_constexpr, is_const, spec, align) in zip(values, self.values, self.flags):
-            if new is old:
-                continue
-            if is_constexpr:
-                if type(new) is not type(old) or new != old:
-                    return False
-            elif specialize(backend, new, is_const, spec, align) != specialize(backend, old, is_const, spec, align):
-                return False
-        return True
+        return tuple(parts)

@@ -48,7 +48,7 @@ import triton.language as tl
 from pysnell import _backend
 from pysnell.ops.monarch.function import _torch_backward, _torch_forward
 
-from ._host import cdiv, interpreting, next_pow2, sm_count
+from ._host import cdiv, interpreting, launch, next_pow2, sm_count
 
 # Widest block row (columns of one output block, or of one weight-gradient tile row) that a
 # fused kernel keeps on chip as an fp32 accumulator next to its operand tiles.
@@ -746,7 +746,9 @@ def _run_two_stage(inp, wa, wb, bias, out, n_in, n_out, *, maps, NB, NC, U, V, J
     T = inp.shape[0]
     BT, BU, BV, BJ, warps, stages = _two_stage_tiles(U, V, J, inp.dtype, wgrad=False)
     grid = (cdiv(T, BT), NB, cdiv(J, BJ))
-    _two_stage_kernel[grid](
+    launch(
+        _two_stage_kernel,
+        grid,
         inp,
         wa,
         wb,
@@ -777,7 +779,9 @@ def _run_gemm(inp, w, bias, out, n_in, n_out, *, maps, NB, K, J):
     T = inp.shape[0]
     BT, BK, BJ, warps, stages = _gemm_tiles(T, NB, K, J, inp.dtype, inp.device)
     grid = (cdiv(T, BT) * NB * cdiv(J, BJ),)
-    _gemm_kernel[grid](
+    launch(
+        _gemm_kernel,
+        grid,
         inp,
         w,
         bias if bias is not None else out,
@@ -819,7 +823,9 @@ def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, 
     numel = w_shape[0] * w_shape[1] * w_shape[2]
     splits, tiles = _token_splits(per_split * NB, T, BT, numel, g.device)
     out = _partials(splits, w_shape, g)
-    _two_stage_wgrad_kernel[(per_split, NB, splits)](
+    launch(
+        _two_stage_wgrad_kernel,
+        (per_split, NB, splits),
         g,
         inp,
         wa,
@@ -854,7 +860,9 @@ def _run_wgrad(a, b, w_shape, n_a, n_b, *, maps, NB, I, J):
     numel = w_shape[0] * w_shape[1] * w_shape[2]
     splits, tiles = _token_splits(tiles_ij * NB, T, BT, numel, a.device)
     out = _partials(splits, w_shape, a)
-    _wgrad_kernel[(tiles_ij, NB, splits)](
+    launch(
+        _wgrad_kernel,
+        (tiles_ij, NB, splits),
         a,
         b,
         out,
@@ -905,7 +913,9 @@ def _interleave_(y, l, s, bias):
     else:
         BT = max(1, 8192 // row)
         warps = 8 if BT * row >= 8192 else 4
-    _interleave_kernel[(cdiv(T, BT),)](
+    launch(
+        _interleave_kernel,
+        (cdiv(T, BT),),
         y,
         bias if bias is not None else y,
         T,
@@ -929,8 +939,20 @@ def _deinterleave(dy2, l, s):
     BT = 16
     grid = (cdiv(T, BT), cdiv(s, BS))
     # 8 warps for the 8192-element tile: with 4, l = 8 spills (sm_90)
-    _deinterleave_kernel[grid](
-        dy2, out, T, dy2.shape[1], dy2.stride(0), L=l, S=s, BT=BT, BS=BS, BL=BL, **_launch_opts(8, 1)
+    launch(
+        _deinterleave_kernel,
+        grid,
+        dy2,
+        out,
+        T,
+        dy2.shape[1],
+        dy2.stride(0),
+        L=l,
+        S=s,
+        BT=BT,
+        BS=BS,
+        BL=BL,
+        **_launch_opts(8, 1),
     )
     return out
 

@@ -35,7 +35,7 @@ from pysnell.functional import default_scalar
 from pysnell.ops.snell import reference as ref
 from pysnell.ops.snell.function import _torch_layer_backward, _torch_layer_forward
 
-from ._host import KernelConstant, cdiv, interpreting, next_pow2, sm_count
+from ._host import KernelConstant, cdiv, interpreting, launch, next_pow2, sm_count
 from ._keys import key_to_float, lerp, magnitude_key
 
 _KERNEL_IDS = {"linear": 0, "piecewise": 1, "snella": 2, "rbf": 3, "sigmoid": 4}
@@ -937,7 +937,7 @@ def _column_pass(geo, what, stats, gs=None, thresholds=None, sparsity_t=None, sp
     out = _alloc((geo.groups, 2 if what == 0 else 1, geo.n), torch.float32, geo.device)
     counters = torch.zeros(geo.groups * n_ct, dtype=torch.int64, device=geo.device)
     dummy = out
-    _column_pass_kernel[(n_ct, n_split, geo.groups)](
+    launch(_column_pass_kernel, (n_ct, n_split, geo.groups),
         gs if gs is not None else dummy, A, B, coeffs, alpha, beta, gamma,
         stats if stats is not None else dummy,
         thresholds if thresholds is not None else dummy,
@@ -984,9 +984,9 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
     SBLK = 64 if interpreting() else 1024
     n_sample = min(PILOT_SAMPLES, numel)
 
-    def launch(pass_idx, hist, next_hist, next_numel, sample, nb_this, nb_next, grid, wide):
+    def run_pass(pass_idx, hist, next_hist, next_numel, sample, nb_this, nb_next, grid, wide):
         zero_per_prog = cdiv(next_numel, grid) if next_numel else 0
-        _select_pass_kernel[(grid, G)](
+        launch(_select_pass_kernel, (grid, G),
             A, B, coeffs, alpha, beta, gamma, stats_arg, sparsity_t,
             state, counters[pass_idx], hist, hist.numel() // G, thresholds,
             next_hist if next_hist is not None else hist, next_numel, next_numel, zero_per_prog,
@@ -999,7 +999,7 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
 
     passes = 0
     if use_pilot:
-        launch(0, hist_first, hist_x, stride, True, PILOT_BINS_LOG, nb, cdiv(n_sample, SBLK), 1)
+        run_pass(0, hist_first, hist_x, stride, True, PILOT_BINS_LOG, nb, cdiv(n_sample, SBLK), 1)
         passes = 1
     # Full passes: X, Y, X, ... each zeroing the next one's histogram. Without a pilot the first pass
     # covers every key (wide) and later ones a bin or an empty gap (narrow); after a pilot the first
@@ -1008,7 +1008,7 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
     for i in range(n_full):
         nxt = bufs[(i + 1) % 2] if i + 1 < n_full else None
         wide = (2 if i > 0 else 0) if use_pilot else (1 if i == 0 else 0)
-        launch(passes + i, bufs[i % 2], nxt, stride if nxt is not None else 0, False, nb, nb, grid0, wide)
+        run_pass(passes + i, bufs[i % 2], nxt, stride if nxt is not None else 0, False, nb, nb, grid0, wide)
     if KEEP_DEBUG_STATE:
         global last_selection
         last_selection = (state.view(G, 8), counters, use_pilot)
@@ -1061,7 +1061,7 @@ def _effective_weight(geo, weight, stats, thresholds, sparsity_t, sparsify, dtyp
     n_ct = cdiv(geo.n, BN)
     w0 = weight.contiguous() if weight is not None else out
     grid = (cdiv(geo.m_g, BM) * n_ct, geo.groups)
-    _weff_kernel[grid](
+    launch(_weff_kernel, grid,
         w0, out, A, B, coeffs, alpha, beta, gamma, stats if stats is not None else out, thresholds, sparsity_t,
         geo.m_g, geo.n, n_ct, KERNEL=geo.kernel, MODE=geo.mode, SPARSIFY=sparsify, HAS_W=weight is not None,
         BM=BM, BN=BN, num_warps=warps, **geo.statics,
@@ -1094,7 +1094,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     n_prog = geo.groups * n_chunks * n_cc
     scal_part = _alloc((n_prog, 16), torch.float32, dev)
     placeholder = da_part
-    _backward_kernel[(n_cc, n_chunks, geo.groups)](
+    launch(_backward_kernel, (n_cc, n_chunks, geo.groups),
         gs, weight.contiguous() if weight is not None and w_out is not None else placeholder,  # read for W_eff only
         w_out if w_out is not None else placeholder,
         A, B, coeffs, alpha, beta, gamma,
@@ -1110,7 +1110,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
     block = 256 if interpreting() else 1024
     nblk_a = cdiv(geo.r * geo.n, block)
     nblk_b = cdiv(geo.m * geo.r, block)
-    _reduce_kernel[(nblk_a + nblk_b + 1,)](
+    launch(_reduce_kernel, (nblk_a + nblk_b + 1,),
         da_part, db_part, scal_part, dA, dB, scal, gamma,
         geo.groups * n_chunks, geo.r * geo.n, n_cc, geo.m * geo.r, n_prog, nblk_a, nblk_b,
         SNELLA=geo.kernel == 2, BLOCK=block, num_warps=4,
@@ -1242,7 +1242,18 @@ def dropout_pack(keep):
     bits = _alloc((T, nb), torch.uint8, keep.device)
     if T and n:
         grid, BR, BB, warps = _dropout_grid(T, nb)
-        _dropout_pack_kernel[grid](keep.contiguous().view(torch.uint8), bits, T, n, nb, BR=BR, BB=BB, num_warps=warps)
+        launch(
+            _dropout_pack_kernel,
+            grid,
+            keep.contiguous().view(torch.uint8),
+            bits,
+            T,
+            n,
+            nb,
+            BR=BR,
+            BB=BB,
+            num_warps=warps,
+        )
     return bits
 
 
@@ -1257,7 +1268,7 @@ def dropout_apply(v, bits, row_scale):
     if T and n:
         grid, BR, BB, warps = _dropout_grid(T, nb)
         scale = row_scale.to(torch.float32).contiguous()
-        _dropout_apply_kernel[grid](
+        launch(_dropout_apply_kernel, grid,
             v.contiguous(), bits if bits is not None else scale, scale, out, T, n, nb,
             HAS_BITS=bits is not None, BR=BR, BB=BB, num_warps=warps,
         )  # fmt: skip

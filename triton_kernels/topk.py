@@ -25,8 +25,8 @@ the last):
 The number of launches is fixed (rounds that are not needed exit at once); the round and
 compaction kernels are persistent (about 2 programs per SM, grid-stride `while` loops). Each launch
 stamps the state it writes, so a program that starts late never acts on its own launch's output.
-The rounds differ only in that stamp: after the first, they replay its compiled kernel
-(_host.Relaunch) instead of paying Triton's Python launch path again.
+The rounds differ only in that stamp: after the first, they launch its compiled kernel directly
+(_host.launch) instead of paying Triton's Python launch path again.
 
 Extra device memory: a 2.3 KiB state block per row, the candidate buffer (numel/8 bytes, shared
 with the packed mask when one is asked for; a buffer of <= 480 KiB of its own when that is larger),
@@ -44,7 +44,7 @@ import triton.language as tl
 
 from pysnell import _backend
 
-from ._host import KernelConstant, Relaunch, cdiv, interpreting, next_pow2, sm_count
+from ._host import KernelConstant, cdiv, interpreting, launch, next_pow2, sm_count
 from ._keys import key_to_float, lerp, magnitude_key
 
 # --------------------------------------------------------------------------------------------------
@@ -729,21 +729,22 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
     head = (rows, cand, state, t_out, s_ptr, s_bits)
     tail = (mode, s_is_ptr, first_phase, n, k, cap, n_sample, stride, tiles_full, cfg.sample_z)
     # Launches are numbered from 1: the state records which launch wrote it. The rounds differ in
-    # that number only, so Triton's launch path runs for the first one alone.
-    rounds = Relaunch(_round_kernel)
-    launch = 1
+    # that number only, so Triton's launch path runs for the first one alone (_host.launch).
+    number = 1
     if use_sample:
         for _ in range(cfg.sample_rounds):
-            rounds[round_grid](*head, launch, *tail, **round_meta)
-            launch += 1
+            launch(_round_kernel, round_grid, *head, number, *tail, **round_meta)
+            number += 1
         compact_tiles = cdiv(n, cfg.compact_block)
-        _compact_kernel[(min(compact_tiles, max_programs), groups)](
+        launch(
+            _compact_kernel,
+            (min(compact_tiles, max_programs), groups),
             rows,
             cand,
             state,
             s_ptr,
             s_bits,
-            launch,
+            number,
             mode,
             s_is_ptr,
             n,
@@ -753,10 +754,10 @@ def _select(rows: torch.Tensor, groups: int, n: int, mode: int, k: int, sparsity
             BLOCK=cfg.compact_block,
             num_warps=cfg.num_warps,
         )
-        launch += 1
+        number += 1
     for _ in range(_HIST_ROUNDS):
-        rounds[round_grid](*head, launch, *tail, **round_meta)
-        launch += 1
+        launch(_round_kernel, round_grid, *head, number, *tail, **round_meta)
+        number += 1
     if debug_states is not None:
         debug_states.append(state.view(groups, -1).cpu())
     return state, s_ptr, s_bits, s_is_ptr
@@ -821,14 +822,26 @@ def topk_mask_(x: torch.Tensor, sparsity, k, want_packed: bool):
         tpc = next_pow2(cdiv(tiles, cfg.max_tie_chunks))
         n_chunks = cdiv(tiles, tpc)
         tie_counts = _empty(n_chunks, dtype=torch.int64, device=device)
-        _tie_count_kernel[(n_chunks,)](
-            flat, state, t_out, tie_counts, n, n_chunks, BLOCK=block, TPC=tpc, num_warps=warps
+        launch(
+            _tie_count_kernel,
+            (n_chunks,),
+            flat,
+            state,
+            t_out,
+            tie_counts,
+            n,
+            n_chunks,
+            BLOCK=block,
+            TPC=tpc,
+            num_warps=warps,
         )
         tie_incl = torch.cumsum(tie_counts, 0)
     else:
         tpc, n_chunks = 1, tiles
         tie_counts = tie_incl = state
-    _mask_kernel[(n_chunks,)](
+    launch(
+        _mask_kernel,
+        (n_chunks,),
         flat,
         packed if packed is not None else state,
         state,
