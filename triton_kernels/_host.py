@@ -81,6 +81,7 @@ _relaunch = {
     "supported": knobs is not None and ".".join(triton.__version__.split(".")[:2]) in RELAUNCH_TRITON,
 }
 MAX_PLANS_PER_SITE = 64  # compiled kernels remembered per call shape (cleared when full)
+MAX_SITES = 1024  # call shapes remembered (cleared when full)
 replays = 0  # launches that skipped Triton's path (tests and benchmarks read it)
 _observer = None  # tests: called as (kernel, grid, args, kwargs) after each replayed launch
 
@@ -137,6 +138,8 @@ def launch(kernel, grid, *args, **kwargs):
     names = tuple(kwargs)
     site = _SITES.get((id(kernel), len(args), names))
     if site is None:
+        if len(_SITES) >= MAX_SITES:  # kernels made at run time come and go: stay bounded
+            _SITES.clear()
         site = _SITES[(id(kernel), len(args), names)] = _Site(kernel, len(args), names)
     if not site.ok:
         return kernel[grid](*args, **kwargs)
