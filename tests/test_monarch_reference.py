@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from oracles import monarch_dense
+from oracles import monarch_dense, monarch_dense_by_terms
 
 import pysnell
 from pysnell.ops.monarch.function import monarch_shapes
@@ -220,3 +220,12 @@ def test_from_linear(seed, size):
     torch.testing.assert_close(layer(x), linear(x), rtol=1e-4, atol=1e-4)
     no_bias = pysnell.MonarchLinear.from_linear(torch.nn.Linear(n, m, bias=False), nblocks=b)
     assert no_bias.bias is None
+
+
+@pytest.mark.parametrize(
+    ("n_in", "n_out", "nblocks"), [(64, 48, 4), (30, 50, 3), (17, 17, 9), (12, 40, 2), (96, 96, 1)]
+)
+def test_dense_oracle_einsum_equals_its_formula_term_by_term(n_in, n_out, nblocks):
+    w1s, w2s = monarch_shapes(n_in, n_out, nblocks)
+    w1, w2 = torch.randn(w1s, dtype=torch.float64), torch.randn(w2s, dtype=torch.float64)
+    torch.testing.assert_close(monarch_dense(w1, w2), monarch_dense_by_terms(w1, w2), rtol=1e-12, atol=1e-12)

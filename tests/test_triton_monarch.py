@@ -76,16 +76,17 @@ def _close(got, want, dtype, what):
 
 
 def _dense_oracle(x, w1, w2, bias, out_features, dy):
-    """y and the gradients of x, w1, w2, bias from the dense matrix of spec/MONARCH.md §1 (float64)."""
-    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w1, w2)]
+    """y and the gradients of x, w1, w2, bias from the dense matrix of spec/MONARCH.md §1 (float64, on
+    x's device: on a GPU machine a CPU oracle shared 16 cores with 12 test processes)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, w1, w2)]
     xd, w1d, w2d = leaves
     M = monarch_dense(w1d, w2d)[:out_features, : x.shape[-1]]
     y = xd @ M.t()
     if bias is not None:
-        bd = bias.detach().double().cpu().requires_grad_()
+        bd = bias.detach().double().requires_grad_()
         leaves.append(bd)
         y = y + bd
-    y.backward(dy.detach().double().cpu())
+    y.backward(dy.detach().double())
     return y.detach(), [t.grad for t in leaves]
 
 
