@@ -119,19 +119,20 @@ def relaunch_enabled() -> bool:
 def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, with Triton's Python launch path run once per specialisation.
 
-    Every launch through `kernel[grid]` runs tens of µs of Python before the driver call (argument
-    binding, specialisation, the compile-cache lookup, global-constant checks; about 60 µs per
-    launch on an H200 machine's host, benchmarks/host_profile.py), and a SNELL or Monarch layer step
-    makes 5 to 8 of them. Here the first launch of each specialisation takes Triton's path and its
-    compiled kernel is kept; a later launch that specialises alike launches it directly, with the
-    statements JITFunction.run ends with. "Alike": the same call shape (positional count, keyword
-    names), equal constexprs and options of the same types, Triton's debug and instrumentation
-    knobs unchanged, the same current device, and per runtime argument a key at least as fine as
-    Triton's own specialisation under the parameter's do_not_specialize flags (tensor: dtype and
-    16-byte alignment; int: ==1, multiple of 16, 32/64-bit range; float, bool, None: the type).
-    Anything else (a callable grid, an argument of another type, another Triton, the interpreter,
-    PYSNELL_TRITON_RELAUNCH=0) takes Triton's path. Kernel globals are compile-time constants here:
-    Triton's check that they did not change runs on the first launch of each specialisation only.
+    Every launch through `kernel[grid]` runs Python before the driver call (argument binding,
+    specialisation, the compile-cache lookup, global-constant checks): an empty kernel with 31
+    arguments took 26 µs to launch on an H200 machine's host (benchmarks/host_profile.py), and a SNELL
+    or Monarch layer step makes 5 to 8 launches. Here the first launch of each specialisation takes
+    Triton's path and its compiled kernel is kept; a later launch that specialises alike launches it
+    directly, with the statements JITFunction.run ends with. "Alike": the same call shape (positional
+    count, keyword names), equal constexprs and options of the same types, Triton's debug and
+    instrumentation knobs unchanged, the same current device, and per runtime argument a key at least
+    as fine as Triton's own specialisation under the parameter's do_not_specialize flags (tensor:
+    dtype and 16-byte alignment; int: ==1, multiple of 16, 32/64-bit range; float, bool, None: the
+    type). Anything else (a callable grid, an argument of another type, another Triton, the
+    interpreter, PYSNELL_TRITON_RELAUNCH=0) takes Triton's path. Kernel globals are compile-time
+    constants here: Triton's check that they did not change runs on the first launch of each
+    specialisation only.
     """
     if not (_relaunch["on"] and _relaunch["supported"]) or INTERPRETED or callable(grid):
         return kernel[grid](*args, **kwargs)
