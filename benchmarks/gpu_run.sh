@@ -6,7 +6,8 @@
 # Environment (all optional):
 #   OUT                where the results go (json, csv, md, profile.md/json, png, run.log)
 #   GPU_RUN_BUDGET_S   seconds for the whole script (default 540: a device call may run 600); each step gets its own timeout
-#   PYSNELL_GIT_REV    the commit, for a tree copied without .git (else a hash of the sources)
+#   PYSNELL_GIT_REV    the commit, for a tree copied without .git (else a hash of the sources); pass it
+#                      literally: on the device `git rev-parse HEAD` once named an older commit (session 8)
 #   GPU_RUN_OPS        modules for the benchmark runner (default: all: topk,monarch,snell,model)
 #   GPU_RUN_MICRO=1    also run the pytest-benchmark micro-benchmarks (off by default: time)
 #   GPU_RUN_STEPS      which of tests,profile,tune,hostprof,bench run after install and build (default tests,profile,bench:
