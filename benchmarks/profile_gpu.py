@@ -5,8 +5,10 @@
 For the SNELL layer (each backend, and full fine-tuning) and the Monarch layer (each backend, and
 dense) at the benchmark's target shapes, bf16 on a GPU, one fwd+bwd step, and the whole ViT-B training
 step (full FT, peft LoRA-8, pysnell SNELL-8; bs 64, bf16 autocast) are measured three ways:
-- host_ms: CPU time to enqueue one step (N steps back to back, no synchronisation, / N);
-- wall_ms: CUDA-event time of N steps back to back / N: max(host, GPU) when the host runs ahead;
+- host_ms: CPU time to enqueue one step (N steps back to back, no synchronisation, / N; the median of
+  3 such windows);
+- wall_ms: CUDA-event time of N steps back to back / N: max(host, GPU) when the host runs ahead (the
+  median of 3 windows);
 - kernel_ms: the sum of the step's kernel durations (torch.profiler), i.e. the GPU's busy time,
   with the launch count and the kernels that take the most time.
 host_ms ≥ kernel_ms means the step is host-bound: fewer launches or less Python would speed it up,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from . import ops_snell
 from .harness import forced_backend
 
 STEPS = 10  # back-to-back steps per measurement (≈ 20 launches each: far below the launch queue depth)
+WINDOWS = 3  # host and wall times: the median of this many measurements
 TOP_KERNELS = 6
 # (label, T, in, out)
 SNELL_CASES = [("T12608 768x768", 12608, 768, 768), ("T12608 768x3072", 12608, 768, 3072),
@@ -47,30 +51,35 @@ def _sync(cuda):
 
 
 def _profile_step(step, clear, cuda) -> dict:
-    """host_ms, wall_ms, and (GPU) kernel_ms, launches, top kernels of one step."""
+    """host_ms, wall_ms, and (GPU) kernel_ms, launches, top kernels of one step. host_ms and wall_ms are
+    medians over WINDOWS windows of STEPS steps: one 10-step window of the ViT step (about 0.6 s) put
+    pysnell and LoRA in the opposite order to the benchmark's medians in sessions 7 and 8."""
     for _ in range(3):  # warm-up: compiles, autotunes, fills the allocator's cache
         clear()
         step()
     _sync(cuda)
-    # host: enqueue STEPS steps without waiting for the GPU
-    t0 = time.perf_counter()
-    for _ in range(STEPS):
-        clear()
-        step()
-    host_ms = (time.perf_counter() - t0) * 1e3 / STEPS
-    _sync(cuda)
-    out = {"host_ms": host_ms}
+    host, wall = [], []
+    for _ in range(WINDOWS):
+        # host: enqueue STEPS steps without waiting for the GPU
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            clear()
+            step()
+        host.append((time.perf_counter() - t0) * 1e3 / STEPS)
+        _sync(cuda)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(STEPS):
+                clear()
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            wall.append(start.elapsed_time(end) / STEPS)
+    out = {"host_ms": statistics.median(host)}
+    out["wall_ms"] = statistics.median(wall) if cuda else out["host_ms"]
     if not cuda:
-        out["wall_ms"] = host_ms
         return out
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(STEPS):
-        clear()
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    out["wall_ms"] = start.elapsed_time(end) / STEPS
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
