@@ -21,7 +21,6 @@ import io
 import os
 import pstats
 import sys
-import time
 from pathlib import Path
 
 if "--quick" in sys.argv:  # CPU tensors run the kernels: the interpreter is chosen when kernels are defined
@@ -35,22 +34,18 @@ from pysnell.triton_kernels import _host  # noqa: E402
 import pysnell  # noqa: E402
 from pysnell import _backend  # noqa: E402
 
-from . import ops_snell  # noqa: E402
+from . import harness, ops_snell  # noqa: E402
 from .harness import forced_backend  # noqa: E402
 
 WARMUP, STEPS = 5, 40  # steps before timing, and timed steps (--quick: 1 and 2)
 
 
 def _host_us(step, clear, sync) -> float:
-    for _ in range(WARMUP):
+    def cleared_step():
         clear()
         step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(STEPS):
-        clear()
-        step()
-    us = (time.perf_counter() - t0) * 1e6 / STEPS
+
+    us = harness.best_mean_us(cleared_step, STEPS, warmup=WARMUP, rounds=1, before_round=sync)
     sync()
     return us
 
@@ -99,17 +94,11 @@ def _primitives(device) -> list[tuple[str, float]]:
     ]
     if device.type == "cuda":
         cases.append(("torch.cuda.current_stream()", torch.cuda.current_stream))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n = 2000 if device.type == "cuda" else 20
     out = []
     for name, fn in cases:
-        for _ in range(20):
-            fn()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        n = 2000 if device.type == "cuda" else 20
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out.append((name, (time.perf_counter() - t0) * 1e6 / n))
+        out.append((name, harness.best_mean_us(fn, n, warmup=20, rounds=1, before_round=sync)))
         sync()
     return out
 

@@ -54,25 +54,25 @@ def _profile_step(step, clear, cuda) -> dict:
     """host_ms, wall_ms, and (GPU) kernel_ms, launches, top kernels of one step. host_ms and wall_ms are
     medians over WINDOWS windows of STEPS steps: one 10-step window of the ViT step (about 0.6 s) put
     pysnell and LoRA in the opposite order to the benchmark's medians in sessions 7 and 8."""
-    for _ in range(3):  # warm-up: compiles, autotunes, fills the allocator's cache
-        clear()
-        step()
+
+    def run(n):
+        for _ in range(n):
+            clear()
+            step()
+
+    run(3)  # warm-up: compiles, autotunes, fills the allocator's cache
     _sync(cuda)
     host, wall = [], []
     for _ in range(WINDOWS):
         # host: enqueue STEPS steps without waiting for the GPU
         t0 = time.perf_counter()
-        for _ in range(STEPS):
-            clear()
-            step()
+        run(STEPS)
         host.append((time.perf_counter() - t0) * 1e3 / STEPS)
         _sync(cuda)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(STEPS):
-                clear()
-                step()
+            run(STEPS)
             end.record()
             torch.cuda.synchronize()
             wall.append(start.elapsed_time(end) / STEPS)
@@ -83,9 +83,7 @@ def _profile_step(step, clear, cuda) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(STEPS):
-            clear()
-            step()
+        run(STEPS)
         torch.cuda.synchronize()
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     out.update(summarise_kernels([(e.time_range.start, e.name, e.time_range.elapsed_us()) for e in gpu], STEPS))

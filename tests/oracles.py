@@ -94,8 +94,8 @@ def sparsify(delta, sparsity, mode="reference", out_groups=1, threshold=quantile
 def monarch_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """M[si·l+li, ki·p+pp] = Σ_{ri : (ri·l+li) div q = ki} w2[li, si, ri] · w1[ki, (ri·l+li) mod q, pp].
 
-    One einsum over a gather of w1 and a one-hot of ki (differentiable, no per-term in-place writes:
-    the term-by-term loop, monarch_dense_by_terms, costs minutes under autograd at 768×1000)."""
+    One einsum over a gather of w1 and a one-hot of ki: differentiable without a per-term in-place
+    write into M (monarch_dense_by_terms makes l·r of them, each a copy of M's gradient in backward)."""
     k, q, p = w1.shape
     l, s, r = w2.shape
     flat = torch.arange(r, device=w1.device)[None, :] * l + torch.arange(l, device=w1.device)[:, None]  # (l, r)

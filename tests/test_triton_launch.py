@@ -42,7 +42,6 @@ _SCRIPT = textwrap.dedent(
         )
 
     out = {"mismatches": [], "checked": 0}
-    first_calls = []
 
     def observe(kernel, grid, args, kwargs):
         # a direct launch just happened: Triton's own path must launch exactly the same

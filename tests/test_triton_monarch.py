@@ -77,7 +77,7 @@ def _close(got, want, dtype, what):
 
 def _dense_oracle(x, w1, w2, bias, out_features, dy):
     """y and the gradients of x, w1, w2, bias from the dense matrix of spec/MONARCH.md §1 (float64, on
-    x's device: on a GPU machine a CPU oracle shared 16 cores with 12 test processes)."""
+    x's device: the GPU tests' layers are large, and their test processes share the host's cores)."""
     leaves = [t.detach().double().requires_grad_() for t in (x, w1, w2)]
     xd, w1d, w2d = leaves
     M = monarch_dense(w1d, w2d)[:out_features, : x.shape[-1]]

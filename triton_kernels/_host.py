@@ -134,7 +134,7 @@ def launch(kernel, grid, *args, **kwargs):
     constants here: Triton's check that they did not change runs on the first launch of each
     specialisation only.
     """
-    if not (_relaunch["on"] and _relaunch["supported"]) or INTERPRETED or callable(grid):
+    if not relaunch_enabled() or callable(grid):
         return kernel[grid](*args, **kwargs)
     names = tuple(kwargs)
     site = _SITES.get((id(kernel), len(args), names))
@@ -178,7 +178,6 @@ def _launchable(compiled) -> bool:
 
 
 _SITES: dict = {}  # (id(kernel), positional count, keyword names) -> _Site (each holds its kernel)
-_NO_DEFAULT = object()
 _INT_RANGE = (-(2**31), 2**31, 2**63)
 
 
