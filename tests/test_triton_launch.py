@@ -269,3 +269,104 @@ def test_snell_and_monarch_with_and_without_direct_launches_agree_on_gpu():
         assert len(other) == len(results[0])
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def _fake_param(name, constexpr=False, no_spec=False, no_align=False, default=None, has_default=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        name=name,
+        is_constexpr=constexpr,
+        do_not_specialize=no_spec,
+        do_not_specialize_on_alignment=no_align,
+        has_default=has_default,
+        default=default,
+    )
+
+
+def test_generated_binder_decides_as_the_general_key():
+    """A site's generated `bind` (straight-line guards and key) against `_Site.values`/`key` (the
+    per-argument loop): over random calls that vary every argument's value and type, two calls share
+    a bind key exactly when they share a general key, and bind returns the same values; a type that
+    differs from the site's first call fails a guard (the general key then decides)."""
+    pytest.importorskip("triton")
+    import random
+
+    from pysnell.triton_kernels import _host
+
+    if not hasattr(_host, "_binder"):
+        pytest.skip("no generated binder in this build")
+    params = [
+        _fake_param("x"),
+        _fake_param("y", no_align=True),
+        _fake_param("n"),
+        _fake_param("m", no_spec=True),
+        _fake_param("f"),
+        _fake_param("p"),
+        _fake_param("BLOCK", constexpr=True),
+        _fake_param("MODE", constexpr=True),
+        _fake_param("D", constexpr=True, default=4, has_default=True),
+        _fake_param("z", default=None, has_default=True),
+    ]
+    kernel = type("FakeJIT", (), {"params": params, "pre_run_hooks": []})()
+    rng = random.Random()
+    seed = rng.randrange(2**32)
+    rng.seed(seed)
+    base = torch.empty(64)
+    tensors = [base[:8], base[1:9], base[4:12], base.bfloat16()[:8], base.double()[2:10]]
+    ints = [0, 1, 2, 16, 17, -16, -1, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63, 2**64]
+    choices = {
+        "x": tensors + [None, 3],
+        "y": tensors,
+        "n": ints + [1.0, True],
+        "m": ints,
+        "f": [0.5, 2.0, 1, None],
+        "p": [None, base[:4], base[1:5]],
+        "BLOCK": [16, 32, True, 1, 16.0],
+        "MODE": ["a", "b", None],
+        "num_warps": [4, 8, 4.0],
+    }
+
+    def draw(first=None):
+        # the first call has one fixed type per argument; later calls vary around it
+        if first is None:
+            return {k: rng.choice(v) for k, v in choices.items()}
+        return {k: rng.choice(v) if rng.random() < 0.5 else first[k] for k, v in choices.items()}
+
+    def call(c):
+        args = (c["x"], c["y"], c["n"])
+        kwargs = {k: c[k] for k in ("m", "f", "p", "BLOCK", "MODE", "num_warps")}
+        return args, kwargs
+
+    def general(site, args, kwargs):
+        given = args + tuple(kwargs.values())
+        values = site.values(given)
+        return values, site.key(values, given)
+
+    checked = guarded = 0
+    for _ in range(40):
+        first = draw()
+        args, kwargs = call(first)
+        site = _host._Site(kernel, args, kwargs)
+        assert site.ok
+        calls = [first] + [draw(first) for _ in range(30)]
+        results = []
+        for c in calls:
+            a, k = call(c)
+            values, bkey = site.bind(a, k)
+            gvalues, gkey = general(site, a, k)
+            assert list(values) == gvalues, seed
+            same_types = all(
+                type(c[name]) is type(first[name])
+                or (isinstance(c[name], torch.Tensor) and isinstance(first[name], torch.Tensor))
+                for name in choices
+            )
+            assert (bkey is not None) == same_types, (seed, c)
+            guarded += bkey is None
+            results.append((bkey, gkey))
+        for b1, g1 in results:
+            for b2, g2 in results:
+                if b1 is not None and b2 is not None:
+                    checked += 1
+                    assert (b1 == b2) == (g1 == g2), seed
+    assert checked > 1000 and guarded > 0, (checked, guarded)
