@@ -125,8 +125,11 @@ XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 12)
 export PYSNELL_TEST_LOG="$OUT/tests.log"
 if [[ "$STEPS" == *,tests,* ]]; then
+    # Inductor compiles in this process, without its worker pool: in session 8 every test had
+    # finished when pytest hung at exit until the step's cap, which matches pytorch/pytorch#162199
+    # (the pool's shutdown at exit waiting up to 300 s). Not confirmed on the device yet.
     # shellcheck disable=SC2086 # GPU_RUN_TEST_ARGS is a list of words
-    run_step "3/5 GPU tests" "$(budget_for "${GPU_RUN_TEST_S:-280}" 200)" \
+    TORCHINDUCTOR_COMPILE_THREADS=1 run_step "3/5 GPU tests" "$(budget_for "${GPU_RUN_TEST_S:-280}" 200)" \
         $PY -m pytest -m gpu -q --maxfail=25 -p no:cacheprovider -rfE --durations=10 "${XDIST[@]}" \
         ${GPU_RUN_TEST_ARGS:-tests}
 fi
