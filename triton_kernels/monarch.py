@@ -599,6 +599,19 @@ def _interleave_kernel(
     tl.store(rows + cols, v, mask=ok)
 
 
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = Σ_s part[s] (fp32, s in order: deterministic), rounded once to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    src = part_ptr + offs
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(SPLITS):
+        acc += tl.load(src, mask=ok, other=0.0)
+        src += numel
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side: shapes, tile choices, launches
 # ----------------------------------------------------------------------------------------------
@@ -813,7 +826,15 @@ def _partials(splits, w_shape, like):
 
 
 def _finish(out, splits, dtype):
-    return out if splits == 1 else out.sum(0).to(dtype)
+    """The weight gradient from its partials: one launch (torch's sum and cast would be two)."""
+    if splits == 1:
+        return out
+    grad = _empty(out.shape[1:], out.device, dtype)
+    numel = grad.numel()
+    block = 256 if interpreting() else 1024
+    launch(_sum_splits_kernel, (cdiv(numel, block),), out, grad, numel, SPLITS=splits, BLOCK=block,
+           **_launch_opts(4, 1))  # fmt: skip
+    return grad
 
 
 def _run_two_stage_wgrad(g, inp, wa, w_shape, n_g, n_in, *, maps, NB, NC, U, V, J):
