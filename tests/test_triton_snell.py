@@ -407,8 +407,10 @@ def test_unsupported_calls_fall_back_to_torch(seed, caplog, monkeypatch):
 # The interpreter accepts programs the GPU compiler rejects: compile every launch for sm_90
 # ------------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import json, os, sys, torch
+import json, os, re, sys, torch
 os.environ.pop("TRITON_INTERPRET", None)
+# an fp32 add, sub or mul without a rounding mode: ptxas may fuse it into an fma
+CONTRACTIBLE = re.compile(r"\b(?:add|sub|mul)(?:\.ftz)?\.f32\b")
 from pysnell.triton_kernels._aot import compile_only, resource_usage
 import pysnell.triton_kernels.snell as ts
 from pysnell.functional import kernel_params
@@ -427,7 +429,9 @@ for kernel, dtype, groups, r in json.loads(sys.argv[1]):
         ts.layer_forward(x, W, None, A, B, params, spec, 0.9)
         ts.layer_backward(dy, x, W, A, B, params, spec, 0.9, torch.zeros(groups), (True,) * 9)
     for fn, _, _, _, k in calls:
-        report.append(dict(case=[kernel, str(dtype), groups, r], kernel=fn.__name__, **resource_usage(k)))
+        ptx = k.asm["ptx"]
+        report.append(dict(case=[kernel, str(dtype), groups, r], kernel=fn.__name__, **resource_usage(k),
+                           contractible=len(CONTRACTIBLE.findall(ptx)), fma=ptx.count("fma.rn.f32")))
 for dtype in (torch.float32, torch.bfloat16, torch.float16):  # the branch form's keep-mask kernels
     with compile_only() as calls:
         bits = ts.dropout_pack(torch.rand(T, n + 3) < 0.5)
@@ -488,6 +492,12 @@ def test_kernels_compile_for_sm90_without_heavy_spills(tmp_path):
     } <= kernels
     for r in report:
         assert r["stack"] <= _MAX_SPILL, f"register spills: {r}"
+    # Every kernel that regenerates ΔW rounds it alike: no FP contraction left to LLVM or ptxas (each
+    # fp32 add/sub/mul carries .rn), and the rank sums' explicit fmas are there.
+    regenerating = {"_select_pass_kernel", "_weff_kernel", "_backward_kernel", "_column_pass_kernel"}
+    for r in report:
+        if r["kernel"] in regenerating:
+            assert r["contractible"] == 0 and r["fma"] > 0, r
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,30 +93,34 @@ _NSCAL = KernelConstant(16)  # scalar partial slots: 0..7 dcoeffs, 8 dalpha, 9 d
 # Device helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R: tl.constexpr, k, DIST: tl.constexpr):
-    """(b_ik − a_kj)² (DIST) or b_ik · a_kj for one rank index k."""
+def _rank_factors(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R: tl.constexpr, k, DIST: tl.constexpr):
+    """The two factors of rank index k's term: (b_ik − a_kj, the same) (DIST) or (b_ik, a_kj)."""
     bk = tl.load(b_ptr + rows * R + k, mask=rmask, other=0.0)
     ak = tl.load(a_ptr + k * n + cols, mask=cmask, other=0.0)
     if DIST:
         diff = bk - ak
-        return diff * diff
+        return diff, diff
     else:
-        return bk * ak
+        return bk, ak
 
 
 @triton.jit
 def _rank_sum(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R: tl.constexpr, K0: tl.constexpr, K: tl.constexpr,
               DIST: tl.constexpr):  # fmt: skip
-    """Σ over k in [K0, K0 + K) of _rank_term, in k order. Unrolled for ranks up to 16; beyond, a
-    loop: unrolled, the compiler hoists every factor load ahead of the arithmetic and the tile
-    kernels spill from r = 32 on sm_90 (same sum, same order either way)."""
-    acc = _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, K0, DIST)
+    """Σ over k in [K0, K0 + K) of the terms' products, in k order, each added with an explicit fma
+    (the kernels that regenerate ΔW launch without FP contraction, so every one rounds alike).
+    Unrolled for ranks up to 16; beyond, a loop: unrolled, the compiler hoists every factor load
+    ahead of the arithmetic and the tile kernels spill from r = 32 on sm_90 (same sum either way)."""
+    u, v = _rank_factors(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, K0, DIST)
+    acc = u * v
     if R <= 16:
         for k in tl.static_range(K0 + 1, K0 + K):
-            acc += _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, k, DIST)
+            u, v = _rank_factors(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, k, DIST)
+            acc = tl.fma(u, v, acc)
     else:
         for k in range(K0 + 1, K0 + K):
-            acc += _rank_term(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, k, DIST)
+            u, v = _rank_factors(a_ptr, b_ptr, rows, cols, rmask, cmask, n, R, k, DIST)
+            acc = tl.fma(u, v, acc)
     return acc
 
 
@@ -183,14 +187,29 @@ def _delta_tile(
 ):
     """The full kernel value ΔW for a tile or a gather."""
     D, dists, invs = _regen(a_ptr, b_ptr, coeff_ptr, rows, cols, rmask, cmask, n, R, PIECES, KERNEL)
+    gamma = tl.load(gamma_ptr)
+    P = D  # unused unless snella
     if KERNEL == 2:
-        P, z = _snella_softmax(D, tl.load(gamma_ptr), stat_ptr, g, cols, cmask, n)
-        D = D + tl.load(alpha_ptr) * P + tl.load(beta_ptr)
+        P, z = _snella_softmax(D, gamma, stat_ptr, g, cols, cmask, n)
+    dw, inner = _kernel_value(D, P, tl.load(alpha_ptr), tl.load(beta_ptr), gamma, KERNEL)
+    return dw
+
+
+@triton.jit
+def _kernel_value(D, P, alpha, beta, gamma, KERNEL: tl.constexpr):
+    """(ΔW, the inner value the backward differentiates) from _regen's D (and snella's softmax P).
+    The forward's tiles and the backward kernel both go through here: one expression, so (without FP
+    contraction) one rounding, and the same entries on either side of the threshold."""
+    if KERNEL == 2:
+        return D + alpha * P + beta, P
     elif KERNEL == 3:
-        D = tl.load(alpha_ptr) * tl.exp(-tl.load(beta_ptr) * D) + tl.load(gamma_ptr)
+        K = tl.exp(-beta * D)  # D = ‖b − a‖²
+        return alpha * K + gamma, K
     elif KERNEL == 4:
-        D = tl.load(alpha_ptr) * tl.sigmoid(tl.load(beta_ptr) * D) + tl.load(gamma_ptr)
-    return D
+        sg = tl.sigmoid(beta * D)  # D = b·a
+        return alpha * sg + gamma, sg
+    else:
+        return D, D
 
 
 @triton.jit
@@ -670,6 +689,10 @@ def _backward_kernel(
         alpha = tl.load(alpha_ptr)
         beta = tl.load(beta_ptr)
         gamma = tl.load(gamma_ptr)
+    else:  # unused by these kernels' value (_kernel_value)
+        alpha = 0.0
+        beta = 0.0
+        gamma = 0.0
     scal = tl.zeros([_NSCAL], dtype=tl.float32)
     r0 = rc * rows_per_chunk
     r1 = tl.minimum(r0 + rows_per_chunk, m_g)
@@ -704,17 +727,12 @@ def _backward_kernel(
             gv = tl.load(gs_ptr + offs, mask=valid, other=0.0).to(tl.float32)
             D, dists, invs = _regen(a_ptr, b_ptr, coeff_ptr, rows[:, None], cols[None, :], rmask[:, None],
                                     cmask[None, :], n, R, PIECES, KERNEL)  # fmt: skip
+            P = D  # unused unless snella
             if KERNEL == 2:
                 P, z = _snella_softmax(D, gamma, stat_ptr, g, cols[None, :], cmask[None, :], n)
-                dw = D + alpha * P + beta
-            elif KERNEL == 3:
-                K = tl.exp(-beta * D)  # D = ‖b − a‖²
-                dw = alpha * K + gamma
-            elif KERNEL == 4:
-                sg = tl.sigmoid(beta * D)  # D = b·a
-                dw = alpha * sg + gamma
-            else:
-                dw = D
+            dw, inner = _kernel_value(D, P, alpha, beta, gamma, KERNEL)
+            K = inner  # rbf: exp(−β‖b − a‖²)
+            sg = inner  # sigmoid: σ(β b·a)
             gd = _sparsify_grad(gv, dw, t, zero, MODE, SPARSIFY)
             if WRITE_W:
                 # Overwrites this tile of G_S (already read) with W_eff for dX = dY·W_eff.
@@ -827,6 +845,14 @@ def _reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 def _num_sms(device) -> int:
     return sm_count(device) if device.type == "cuda" else 1
+
+
+# Launch option of every kernel that regenerates ΔW (selection passes, W_eff, backward, snella's
+# column pass): no FP contraction, so LLVM and ptxas cannot fuse a multiply into an add differently in
+# each kernel (a fusion depends on the surrounding code). The rank sums' fmas are explicit (tl.fma).
+# Every kernel then rounds ΔW alike: the threshold picked by the selection, the entries the forward
+# keeps and the ones the backward differentiates agree, as in the torch reference.
+STRICT_FP = {"enable_fp_fusion": False}
 
 
 def _tile_sizes():
@@ -943,7 +969,7 @@ def _column_pass(geo, what, stats, gs=None, thresholds=None, sparsity_t=None, sp
         thresholds if thresholds is not None else dummy,
         sparsity_t if sparsity_t is not None else dummy,
         part, out, counters, geo.m_g, geo.n, rows_per_split, n_split,
-        MODE=geo.mode, SPARSIFY=sparsify, WHAT=what, BM=BM, BN=BN, num_warps=warps, **geo.statics,
+        MODE=geo.mode, SPARSIFY=sparsify, WHAT=what, BM=BM, BN=BN, num_warps=warps, **geo.statics, **STRICT_FP,
     )  # fmt: skip
     return out
 
@@ -994,7 +1020,7 @@ def _select(geo, stats, sparsity_t) -> torch.Tensor:
             n_sample, _SAMPLE_MULT, max(0.0, float(PILOT_Z)),
             KERNEL=geo.kernel, SAMPLE=sample, NB=nb_this, NB_NEXT=nb_next, WIDE=wide, BM=BM, BN=BN, SBLK=SBLK,
             ZBLK=16384 if interpreting() else 1024,
-            num_warps=warps, **geo.statics,
+            num_warps=warps, **geo.statics, **STRICT_FP,
         )  # fmt: skip
 
     passes = 0
@@ -1064,7 +1090,7 @@ def _effective_weight(geo, weight, stats, thresholds, sparsity_t, sparsify, dtyp
     launch(_weff_kernel, grid,
         w0, out, A, B, coeffs, alpha, beta, gamma, stats if stats is not None else out, thresholds, sparsity_t,
         geo.m_g, geo.n, n_ct, KERNEL=geo.kernel, MODE=geo.mode, SPARSIFY=sparsify, HAS_W=weight is not None,
-        BM=BM, BN=BN, num_warps=warps, **geo.statics,
+        BM=BM, BN=BN, num_warps=warps, **geo.statics, **STRICT_FP,
     )  # fmt: skip
     return out
 
@@ -1102,7 +1128,7 @@ def _factor_grads(geo, gs, weight, stats, thresholds, sparsity_t, sparsify, w_ou
         thresholds if thresholds is not None else placeholder, sparsity_t if sparsity_t is not None else placeholder,
         da_part, db_part, scal_part, geo.m_g, geo.n, rows_per_chunk, n_chunks, tiles_per_chunk,
         KERNEL=geo.kernel, MODE=geo.mode, SPARSIFY=sparsify, HAS_W=weight is not None, WRITE_W=w_out is not None,
-        RP=geo.rp, BM=BM, BN=BN, DOT_PRECISION=dot_precision, num_warps=warps, **geo.statics,
+        RP=geo.rp, BM=BM, BN=BN, DOT_PRECISION=dot_precision, num_warps=warps, **geo.statics, **STRICT_FP,
     )  # fmt: skip
     dA = _alloc((geo.r, geo.n), torch.float32, dev)
     dB = _alloc((geo.m, geo.r), torch.float32, dev)
