@@ -613,6 +613,49 @@ def _compare_with_torch_backend(T, n, m, groups, kernel, dtype, target, r, dev):
         assert err < max(1e-2, 3 * base), f"{names[i]}: {err:.2e} vs float64, torch's math {base:.2e}"
 
 
+def _forward_and_backward_agree(n, m, groups, kernel, target, r, dev):
+    """Triton's kernels regenerate ΔW in one rounding (STRICT_FP): the selection's threshold is the
+    reference quantile rule applied to the weight kernel's own ΔW (the `merge` op), bit for bit, and
+    the effective weight the backward kernel writes equals the forward's, bit for bit."""
+    scale = 0.25 if kernel == "piecewise" else 2.0
+    A, B = _factors(r, n, m, groups, 2, dev, scale=scale)
+    params = _params(kernel, r, 2, n, dev)
+    spec = SnellSpec(kernel, 2, "reference", groups)
+    s = torch.tensor(target, dtype=torch.float64, device=dev)
+    W = torch.randn(m, n, device=dev) / math.sqrt(n)
+    geo = ts._Geometry(A, B, params, spec)
+    stats = ts._column_pass(geo, 0, None) if geo.kernel == 2 else None
+    sparsity_t = ts._sparsity_device(s, dev)
+    t = ts._select(geo, stats, sparsity_t)
+    delta = ts.merge(A, B, params, spec)  # the weight kernel's ΔW, fp32, not sparsified
+    assert torch.equal(t, fn.thresholds_for(delta, s, groups)), "threshold vs the kernels' own ΔW"
+    forward = ts._effective_weight(geo, W, stats, t, sparsity_t, True, torch.float32)
+    backward = torch.empty_like(forward)
+    gs = torch.randn(m, n, device=dev)
+    ts._factor_grads(geo, gs, W, stats, t, sparsity_t, True, backward)
+    differ = forward != backward
+    assert not differ.any(), f"{int(differ.sum())} entries of W_eff differ, e.g. at {differ.nonzero()[:5].tolist()}"
+    kept = (forward != W).sum().item()
+    assert 0 < kept < m * n  # a real selection
+
+
+@pytest.mark.parametrize("kernel,groups,r", [("piecewise", 1, 8), ("snella", 3, 8), ("rbf", 3, 4), ("sigmoid", 1, 8)])
+def test_forward_and_backward_regenerate_the_same_weight(seed, kernel, groups, r):
+    if HAS_CUDA:
+        pytest.skip("the GPU runs it at scale")
+    _forward_and_backward_agree(40, 24 * groups, groups, kernel, 0.7, r, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "n,m,groups,kernel,target,r",
+    [(768, 3072, 1, "piecewise", 0.9, 8), (768, 2304, 3, "snella", 0.9, 8), (768, 2304, 3, "rbf", 0.9, 8),
+     (768, 768, 1, "sigmoid", 0.7, 8), (4096, 11008, 1, "piecewise", 0.9, 8), (1024, 2048, 1, "piecewise", 0.9, 32)],
+)  # fmt: skip
+def test_gpu_forward_and_backward_regenerate_the_same_weight(seed, n, m, groups, kernel, target, r):
+    _forward_and_backward_agree(n, m, groups, kernel, target, r, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,n,m,groups,kernel,dtype,target,r", GPU_CASES)
 def test_gpu_matches_torch_backend(seed, T, n, m, groups, kernel, dtype, target, r):
