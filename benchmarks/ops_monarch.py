@@ -15,8 +15,13 @@ Providers (one group per case and pass, baseline "dense"):
   through memory, "-fused": on chip) and the other forward store ("-scatter": y stored at its
   interleaved columns instead of block order + an in-place interleave pass) wherever they
   differ from the automatic one.
+- dense_graph, pysnell-<backend>_graph (full, GPU, T = 8192 only): dense and the automatic
+  triton / cuda kernels, each pass captured once into a CUDA graph and timed as replays: the GPU's
+  time alone, with no host cost (the eager rows at these sizes are partly host-bound). Their ratios
+  are against eager dense, the group's baseline: divide by dense_graph's for graph against graph.
 Each provider's output (and dx for fwd+bwd) is checked once against the dense oracle
-x·Mᵀ + b (M from the factors, fp32) before timing; a provider that fails is an error row.
+x·Mᵀ + b (M from the factors, fp32) before timing; a provider that fails is an error row. A graphed
+provider's replay is checked the same way.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ import pysnell
 from pysnell import _backend
 from pysnell.ops.monarch.reference import dense_matrix
 
-from .harness import error_row, forced_backend, measure, rel_rmse
+from .harness import cuda_graph, error_row, forced_backend, measure, rel_rmse
 
 OP = "monarch"
 BASELINE = "dense"
+GRAPH = "_graph"  # suffix of the providers timed as CUDA graph replays
+GRAPH_MIN_TOKENS = 8192  # graph rows only where the kernels, not the host, should decide
 # (tokens, in_features, out_features, nblocks)
 FULL_CASES = [
     (8192, 1024, 1024, 4),
@@ -219,6 +226,56 @@ def _bench_case(case, device, full, dtype, autocast):
             x.grad = None
             for p in params:
                 p.grad = None
+    if full and torch.device(device).type == "cuda" and T >= GRAPH_MIN_TOKENS:
+        for name, module, backend_ctx in _providers(dense, mon, fly, device, False, T):
+            if name == "dense" or name in ("pysnell-triton", "pysnell-cuda"):
+                rows += _graph_rows(name, module, backend_ctx, x, dy, y_oracle, dx_oracle, dtype, timing, extra, label)
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _graph_rows(name, module, backend_ctx, x, dy, y_oracle, dx_oracle, dtype, timing, extra, label):
+    """fwd and fwd+bwd of one provider captured into CUDA graphs and timed as replays (autocast
+    without its cast cache, as graph capture needs; the modules are already in `dtype`)."""
+    rows = []
+    params = list(module.parameters())
+    tol = CHECK_TOL[dtype]
+    for pass_ in ("fwd", "fwd+bwd"):
+        ident = dict(op=OP, case=label, provider=name + GRAPH, baseline=BASELINE, dtype=dtype, device=x.device.type,
+                     pass_=pass_)  # fmt: skip
+        leaves = [x, *params] if pass_ == "fwd+bwd" else []
+
+        def step(module=module, pass_=pass_):
+            with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+                if pass_ == "fwd":
+                    with torch.no_grad():
+                        return module(x)
+                y = module(x)
+            y.backward(dy)
+            return y
+
+        try:
+            with backend_ctx():
+                graph, y = cuda_graph(step, leaves)
+                graph.replay()
+                torch.cuda.synchronize()
+                errs = {"y": rel_rmse(y, y_oracle)}
+                if pass_ == "fwd+bwd":
+                    errs["dx"] = rel_rmse(x.grad, dx_oracle)
+                msg = ", ".join(f"{k} rel. RMSE {v:.1e}" for k, v in errs.items())
+                if not all(v <= tol for v in errs.values()):
+                    raise AssertionError(f"{name} replay: {msg} > {tol}")
+                row = measure(graph.replay, **ident, **timing, check="ok: replay " + msg, **extra)
+                row["peak_mib"] = float("nan")  # allocated once, at capture: the eager row's peak applies
+                del graph, y
+        except Exception as exc:  # noqa: BLE001 - one provider failing must not stop the others
+            row = error_row(exc, **ident)
+            row.update(extra)
+        rows.append(row)
+        x.grad = None
+        for p in params:
+            p.grad = None
     return rows
 
 
