@@ -157,6 +157,12 @@ def summary_markdown(meta, rows, compare=False) -> str:
         "time ÷ base (mem ÷ base) per provider; < 1 = faster (smaller) than the group's baseline."
         + (" [×N vs old] = speed-up over the --compare run." if compare else ""),
         "",
+    ]
+    for key, when in (("host_probe_us", "start"), ("host_probe_end_us", "end")):
+        probe = meta.get(key)
+        if isinstance(probe, dict):
+            lines += [f"Host probe at the {when}, µs per call: " + "; ".join(f"{k} {v}" for k, v in probe.items()), ""]
+    lines += [
         "| op | case | dtype | pass | baseline: median ms (peak MiB) | others: time ÷ base (mem ÷ base) |",
         "|---|---|---|---|---|---|",
     ]

@@ -313,6 +313,10 @@ def main(argv=None) -> int:
             return 2
 
     meta = run_meta(device, "full" if full else "quick")
+    if torch.device(device).type == "cuda":
+        # Lent GPU machines' hosts differ (session 8's took 1.6x session 7's host time for the same
+        # kernels): host-bound rows compare across runs only next to these.
+        meta["host_probe_us"] = host_probe(device)
     if args.out:
         out_dir = Path(args.out)
     elif full:
@@ -347,6 +351,8 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a plot must not lose the numbers
                 notes.append(f"{name}: plot failed ({type(exc).__name__}: {exc})")
     meta["pysnell_env"] = _pysnell_env()
+    if "host_probe_us" in meta:  # again at the end: a host that got busier during the run shows here
+        meta["host_probe_end_us"] = host_probe(device)
     write_outputs(out_dir, meta, notes, rows, old_rows is not None)
     for note in notes:
         print(f"[benchmarks] note: {note}")
@@ -354,6 +360,18 @@ def main(argv=None) -> int:
     print()
     print(report.summary_markdown(meta, rows, old_rows is not None))
     return 0
+
+
+def host_probe(device: str) -> dict | str:
+    """µs per call of a few host primitives on this machine (benchmarks.host_profile's)."""
+    try:
+        import torch
+
+        from .host_profile import _primitives
+
+        return {name: round(us, 2) for name, us in _primitives(torch.device(device))}
+    except Exception as exc:  # noqa: BLE001 - a probe must not stop the benchmarks
+        return f"not measured ({type(exc).__name__}: {exc})"
 
 
 def module_time_limit(cap: float | None, deadline: float | None, modules_left: int) -> float | None:

@@ -305,6 +305,18 @@ def test_ops_plot_and_tables_from_rows_with_sizes_and_errors(tmp_path, seed):
     md = report.results_markdown(meta, ["a note"], rows)
     assert "error: RuntimeError: quantile() input tensor is too large" in md and "- a note" in md
     assert "torch_quantile error" in report.summary_markdown(meta, rows)
+    # a GPU run's host probe (runner.host_probe) heads the summary, at the start and at the end
+    probed = dict(meta, host_probe_us={"torch.empty(4096)": 2.1}, host_probe_end_us="not measured (x)")
+    summary = report.summary_markdown(probed, rows)
+    assert "Host probe at the start, µs per call: torch.empty(4096) 2.1" in summary and "at the end" not in summary
+
+
+def test_host_probe_times_the_primitives():
+    from benchmarks import runner
+
+    probe = runner.host_probe("cpu")
+    assert isinstance(probe, dict), probe
+    assert {"torch.empty(4096)", "Triton launch, 1 argument"} <= set(probe) and all(v > 0 for v in probe.values())
 
 
 def test_step_profile_quick_writes_its_table(tmp_path):
