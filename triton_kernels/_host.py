@@ -268,8 +268,8 @@ def _binder(site: _Site, n_args: int, given: tuple):
 
     Per given argument (a default is the same object every call: neither guarded nor keyed):
     - constexpr or option: guard `type(v) is <its first type>`, key its value;
-    - runtime tensor: guard isinstance Tensor, key dtype and (unless do_not_specialize...) the
-      16-byte alignment of its address;
+    - runtime tensor: guard isinstance Tensor, key its dtype and (as its flags allow) the 16-byte
+      alignment of its address;
     - runtime int: guard `type(v) is int`, key ==1 and multiple of 16 (as its flags allow) and the
       32/64-bit range, as `key`;
     - runtime float, bool or None: guard the type (Triton types them without looking at the value);
