@@ -22,6 +22,9 @@ Providers (one group per case and dtype, baseline "full_ft"; every one is our ow
   CUDA graph and timed as graph replays: the GPU's time alone, with no host cost (what
   torch.cuda.graph or torch.compile(mode="reduce-overhead") leaves). Their output and gradients
   are checked after a replay; peak memory is the eager row's (NaN here).
+- pysnell_triton_fpfusion_graph (same cases): pysnell_triton_graph with FP contraction allowed in
+  the kernels that regenerate ΔW (snell.STRICT_FP cleared): against pysnell_triton_graph, what
+  rounding ΔW alike in forward and backward costs on the GPU.
 - op snell_layer_train (the two target shapes, bf16, r = 8): the training branch form with
   Dropout(0.1) on the branch input and DropPath(0.1) on its output, as the reference trains:
   full_ft, lora_dropout (LoRA with Dropout(0.1) on its input, as peft's lora_dropout) and
@@ -36,6 +39,7 @@ many kernels (and memsets) one forward and one backward launch ("launches_fwd", 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
@@ -70,6 +74,9 @@ FULL_SHAPES = [
 TARGETS = {(12608, 768, 3072), (4096, 4096, 11008)}
 BRANCH_SHAPES = TARGETS | {(9, 19, 27)}  # the training branch form: the target shapes (and one quick shape)
 GRAPH = "_graph"  # suffix of the providers timed as CUDA graph replays
+# Suffix of a Triton provider run with FP contraction allowed in the kernels that regenerate ΔW
+# (snell.STRICT_FP cleared): what consistent rounding between forward and backward costs.
+FP_FUSION = "_fpfusion"
 QUICK_SHAPES = [(16, 24, 20), (9, 19, 27)]
 # Tolerances of the one-off checks (relative RMSE against the fp32 oracle): outputs, gradients.
 # fp32 gradients: with 16M+ entries adjacent order statistics of |ΔW| are ~1e-7 apart, so entries
@@ -290,7 +297,26 @@ def _providers(case, full, cuda, compiled_only):
         for backend in ("triton", "cuda"):
             if _backend.available("snell.layer_forward", backend, torch.device(case.device)):
                 out.append((f"pysnell_{backend}{GRAPH}", lambda: _pysnell_provider(case)))
+        if _backend.available("snell.layer_forward", "triton", torch.device(case.device)):
+            out.append((f"pysnell_triton{FP_FUSION}{GRAPH}", lambda: _pysnell_provider(case)))
     return out
+
+
+@contextlib.contextmanager
+def _fp_fusion(on: bool):
+    """When on, the Triton kernels that regenerate ΔW may contract FP ops again (snell.STRICT_FP
+    cleared for the block): forward and backward may then round ΔW differently near the threshold."""
+    if not on:
+        yield
+        return
+    from pysnell.triton_kernels import snell as triton_snell
+
+    saved = dict(triton_snell.STRICT_FP)
+    triton_snell.STRICT_FP.clear()
+    try:
+        yield
+    finally:
+        triton_snell.STRICT_FP.update(saved)
 
 
 def _step_of(case, forward, backend):
@@ -335,40 +361,50 @@ def _bench_case(T, n, m, r, dtype, device, full, notes, compiled_only=False):
             continue
         graphed = name.endswith(GRAPH)
         eager_name = name.removesuffix(GRAPH)
+        fp_fusion = eager_name.endswith(FP_FUSION)
+        eager_name = eager_name.removesuffix(FP_FUSION)
         backend = eager_name[len("pysnell_") :] if eager_name.startswith("pysnell_") else None
         try:
-            forward, leaves = make()
-            check = _check(eager_name, case, forward, leaves, oracle, backend)
-            if not check.startswith("ok"):
-                rows.append(_error_row(f"check failed: {check}", name, ident, extra))
-                continue
-            step = _step_of(case, forward, backend)
-            if graphed:
-                graph, y = harness.cuda_graph(step, leaves)
-                graph.replay()
-                check = _judge(eager_name, case, y, leaves, oracle)  # what the replay computed
+            with _fp_fusion(fp_fusion):
+                forward, leaves = make()
+                check = _check(eager_name, case, forward, leaves, oracle, backend)
                 if not check.startswith("ok"):
-                    rows.append(_error_row(f"replay check failed: {check}", name, ident, extra))
+                    rows.append(_error_row(f"check failed: {check}", name, ident, extra))
                     continue
-                row = harness.measure(
-                    graph.replay, provider=name, warmup=warmup, reps=reps, check=check, **ident, **extra
-                )
-                row["peak_mib"] = float("nan")  # allocated once, at capture: the eager row's peak applies
-                del graph, y
-            else:
-                row = harness.measure(
-                    step, provider=name, warmup=warmup, reps=reps, grad_to_none=leaves, check=check, **ident, **extra
-                )
-            if cuda and name == "pysnell_triton":
-                with harness.forced_backend(backend):
-                    fwd_k, fwd_m = _count_launches(forward, device)
-                    y = forward()
-                    bwd_k, bwd_m = _count_launches(functools.partial(y.backward, case.dy), device)
-                    # y's autograd graph holds the leaves' AccumulateGrad nodes, made on this (default)
-                    # stream: alive, they break a later capture of the same leaves on a side stream.
-                    del y
-                row.update(launches_fwd=fwd_k, memsets_fwd=fwd_m, launches_bwd=bwd_k, memsets_bwd=bwd_m)
-            rows.append(row)
+                step = _step_of(case, forward, backend)
+                if graphed:
+                    graph, y = harness.cuda_graph(step, leaves)
+                    graph.replay()
+                    check = _judge(eager_name, case, y, leaves, oracle)  # what the replay computed
+                    if not check.startswith("ok"):
+                        rows.append(_error_row(f"replay check failed: {check}", name, ident, extra))
+                        continue
+                    row = harness.measure(
+                        graph.replay, provider=name, warmup=warmup, reps=reps, check=check, **ident, **extra
+                    )
+                    row["peak_mib"] = float("nan")  # allocated once, at capture: the eager row's peak applies
+                    del graph, y
+                else:
+                    row = harness.measure(
+                        step,
+                        provider=name,
+                        warmup=warmup,
+                        reps=reps,
+                        grad_to_none=leaves,
+                        check=check,
+                        **ident,
+                        **extra,
+                    )
+                if cuda and name == "pysnell_triton":
+                    with harness.forced_backend(backend):
+                        fwd_k, fwd_m = _count_launches(forward, device)
+                        y = forward()
+                        bwd_k, bwd_m = _count_launches(functools.partial(y.backward, case.dy), device)
+                        # y's autograd graph holds the leaves' AccumulateGrad nodes, made on this (default)
+                        # stream: alive, they break a later capture of the same leaves on a side stream.
+                        del y
+                    row.update(launches_fwd=fwd_k, memsets_fwd=fwd_m, launches_bwd=bwd_k, memsets_bwd=bwd_m)
+                rows.append(row)
         except Exception as exc:  # noqa: BLE001 - one provider's failure is a row, the rest still run
             rows.append(_provider_failed(exc, name, label, dtype, ident, extra, notes))
         finally:

@@ -489,3 +489,17 @@ def test_model_check_catches_a_wrong_snell_layer(monkeypatch, make_spec, sabotag
     monkeypatch.setattr(bench_model, "inject_pysnell", wrong_inject)
     with pytest.raises(AssertionError, match="SNELL check failed"):
         bench_model.check_snell_equivalence(spec, base, batch, "cpu", torch.float32)
+
+
+def test_snell_benchmark_can_allow_fp_fusion_for_one_provider():
+    pytest.importorskip("triton")
+    from pysnell.triton_kernels import snell as triton_snell
+
+    from benchmarks import ops_snell
+
+    assert triton_snell.STRICT_FP == {"enable_fp_fusion": False}
+    with ops_snell._fp_fusion(True):
+        assert triton_snell.STRICT_FP == {}
+    with ops_snell._fp_fusion(False):
+        assert triton_snell.STRICT_FP == {"enable_fp_fusion": False}
+    assert triton_snell.STRICT_FP == {"enable_fp_fusion": False}
