@@ -10,8 +10,9 @@
 #                      literally: on the device `git rev-parse HEAD` once named an older commit (session 8)
 #   GPU_RUN_OPS        modules for the benchmark runner (default: all: topk,monarch,snell,model)
 #   GPU_RUN_MICRO=1    also run the pytest-benchmark micro-benchmarks (off by default: time)
-#   GPU_RUN_STEPS      which of tests,profile,tune,hostprof,bench run after install and build (default tests,profile,bench:
-#                      with the tune sweep (~25 s) the default 540 s budget leaves the benchmarks too little)
+#   GPU_RUN_STEPS      which of tests,profile,tune,hostprof,ncu,bench run after install and build (default tests,profile,bench:
+#                      with the tune sweep (~25 s) the default 540 s budget leaves the benchmarks too little;
+#                      ncu: Nsight Compute sections of one step per kernel family, into bundle.tar's ncu.txt)
 #   GPU_RUN_TEST_S     the GPU tests' time cap in seconds (default 280; on an H200 all of them took ~205 s in
 #                      session 6, and 4 were still unrun at 230 s in session 7)
 #   GPU_RUN_TEST_ARGS  extra pytest arguments, e.g. test ids to rerun (default: every gpu-marked test)
@@ -157,6 +158,30 @@ if [[ "$STEPS" == *,hostprof,* ]]; then
     run_step "3e host profile" "$(budget_for 90 180)" $PY -m benchmarks.host_profile --out "$OUT"
 fi
 
+# 3f. Nsight Compute (ncu.txt, into bundle.tar): one step of each kernel family at the shape where its
+#     kernels miss their target (benchmarks/ncu_step.py), with the clocks left alone (METHOD.md).
+if [[ "$STEPS" == *,ncu,* ]]; then
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    if [[ -z "$NCU" ]]; then
+        STATUS+=("FAILED  3f ncu (no ncu on this machine)")
+    else
+        run_step "3f ncu" "$(budget_for 150 180)" bash -c '
+            ncu=$1 py=$2 out=$3 rc=0
+            for spec in "snell:_select_pass_kernel|_weff_kernel|_backward_kernel" \
+                "monarch:_gemm_kernel|_wgrad_kernel|_sum_splits_kernel|_deinterleave_kernel|_interleave_kernel" \
+                "topk:_round_kernel|_compact_kernel|_mask_kernel"; do
+                op=${spec%%:*} kernels=${spec#*:}
+                echo "===== ncu: $op ($kernels) =====" >>"$out/ncu.txt"
+                "$ncu" --profile-from-start off --clock-control none --launch-count 12 -k "regex:$kernels" \
+                    --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+                    --section Occupancy --section LaunchStats --section WarpStateStats \
+                    "$py" -m benchmarks.ncu_step --op "$op" >>"$out/ncu.txt" 2>&1 || rc=1
+            done
+            tail -n 5 "$out/ncu.txt"
+            exit $rc' _ "$NCU" "$PY" "$OUT"
+    fi
+fi
+
 # 4. Full benchmarks into benchmarks/results/<card>/ (rewritten after every module).
 CARD_DIR=$($PY -c "import torch; from benchmarks.runner import RESULTS_DIR, slug; print(RESULTS_DIR / slug(torch.cuda.get_device_name()))" 2>>"$LOG")
 CARD_DIR=${CARD_DIR:-benchmarks/results/unknown-gpu}
@@ -170,17 +195,18 @@ fi
 
 # 5. Results to $OUT. The device returns at most 8 files: the tables and logs stay as they are
 #    (run.log, tests.log, profile.md, tune_snell.md, results.md, results.json), everything else
-#    (profile.json, tune_snell.json, results.csv, plots) goes into one bundle.tar.
+#    (profile.json, tune_snell.json, ncu.txt, results.csv, plots) goes into one bundle.tar.
 {
     echo
     echo "===== 5/5 collect ====="
     for f in results.json results.md; do [[ -f "$CARD_DIR/$f" ]] && cp "$CARD_DIR/$f" "$OUT/"; done
     bundle=()
-    for f in "$OUT"/profile.json "$OUT"/tune_snell.json "$CARD_DIR"/results.csv "$CARD_DIR"/plot_*.png; do
+    for f in "$OUT"/profile.json "$OUT"/tune_snell.json "$OUT"/ncu.txt "$CARD_DIR"/results.csv "$CARD_DIR"/plot_*.png; do
         [[ -f "$f" ]] && bundle+=("$f")
     done
     if ((${#bundle[@]})); then
-        tar -cf "$OUT/bundle.tar" --transform 's,.*/,,' "${bundle[@]}" && rm -f "$OUT"/profile.json "$OUT"/tune_snell.json
+        tar -cf "$OUT/bundle.tar" --transform 's,.*/,,' "${bundle[@]}" &&
+            rm -f "$OUT"/profile.json "$OUT"/tune_snell.json "$OUT"/ncu.txt
         echo "bundle.tar: ${bundle[*]##*/}"
     fi
     ls -la "$OUT"

@@ -503,3 +503,14 @@ def test_snell_benchmark_can_allow_fp_fusion_for_one_provider():
     with ops_snell._fp_fusion(False):
         assert triton_snell.STRICT_FP == {"enable_fp_fusion": False}
     assert triton_snell.STRICT_FP == {"enable_fp_fusion": False}
+
+
+@pytest.mark.parametrize("op", ["snell", "monarch", "topk"])
+def test_ncu_step_runs_one_step_of_each_family(op, capsys):
+    # what gpu_run's ncu step profiles, at a tiny shape on the CPU (no profiler window here)
+    pytest.importorskip("triton")
+    from benchmarks import ncu_step
+
+    assert ncu_step.main(["--quick", "--op", op]) == 0
+    assert f"profiled one {op} step on cpu with the triton backend" in capsys.readouterr().out
+    assert ncu_step.main(["--quick", "--op", op, "--backend", "torch"]) == 0
