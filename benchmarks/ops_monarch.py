@@ -223,9 +223,7 @@ def _bench_case(case, device, full, dtype, autocast):
                 row = error_row(exc, **ident)
                 row.update(extra)
             rows.append(row)
-            x.grad = None
-            for p in params:
-                p.grad = None
+            _clear_grads(x, params)
     if full and torch.device(device).type == "cuda" and T >= GRAPH_MIN_TOKENS:
         for name, module, backend_ctx in _providers(dense, mon, fly, device, False, T):
             if name == "dense" or name in ("pysnell-triton", "pysnell-cuda"):
@@ -273,10 +271,14 @@ def _graph_rows(name, module, backend_ctx, x, dy, y_oracle, dx_oracle, dtype, ti
             row = error_row(exc, **ident)
             row.update(extra)
         rows.append(row)
-        x.grad = None
-        for p in params:
-            p.grad = None
+        _clear_grads(x, params)
     return rows
+
+
+def _clear_grads(x, params):
+    x.grad = None
+    for p in params:
+        p.grad = None
 
 
 def _check(name, module, x, dy, y_oracle, dx_oracle, amp, dtype, pass_) -> str:
