@@ -10,6 +10,13 @@ if not torch.cuda.is_available():
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist (the GPU run uses 12 workers) each worker would start as many CPU threads as the
+# machine has cores: CPU work in the tests (references, oracles) then oversubscribes the host many
+# times over. Each worker gets its share of the cores instead.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
