@@ -226,7 +226,7 @@ def _bench_case(case, device, full, dtype, autocast):
             _clear_grads(x, params)
     if full and torch.device(device).type == "cuda" and T >= GRAPH_MIN_TOKENS:
         for name, module, backend_ctx in _providers(dense, mon, fly, device, False, T):
-            if name == "dense" or name in ("pysnell-triton", "pysnell-cuda"):
+            if name in ("dense", "pysnell-triton", "pysnell-cuda"):
                 rows += _graph_rows(name, module, backend_ctx, x, dy, y_oracle, dx_oracle, dtype, timing, extra, label)
             gc.collect()
             torch.cuda.empty_cache()

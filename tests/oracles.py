@@ -45,6 +45,18 @@ def merge(A, B, kernel="piecewise", pieces=2, coeffs=None, alpha=None, beta=None
     raise ValueError(kernel)
 
 
+def random_kernel_scalars(kernel, device):
+    """(alpha, beta, gamma) drawn away from their init where the kernel has them (snella: α·P + β
+    offsets; rbf, sigmoid: α·k(β·…) + γ), else (None, None, None): the defaults."""
+    if kernel == "snella":
+        bounds = ((0.5, 1.5), (-0.2, 0.2), (0.6, 1.4))
+    elif kernel in ("rbf", "sigmoid"):
+        bounds = ((0.5, 1.5), (0.5, 1.5), (-0.2, 0.2))
+    else:
+        return None, None, None
+    return tuple(torch.empty((), device=device).uniform_(lo, hi) for lo, hi in bounds)
+
+
 def quantile_threshold(keys: torch.Tensor, sparsity: float) -> torch.Tensor:
     """torch.quantile of float32 magnitudes (float64 rank, as pysnell documents), as float32."""
     return torch.quantile(keys.reshape(-1).double(), sparsity).float()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import random_kernel_scalars
 
 import pysnell
 from pysnell import _backend
@@ -26,17 +27,6 @@ from pysnell.ops.snell.reference import KernelParams, SnellSpec
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ("torch", "triton", "cuda")
 CASES = [("piecewise", 1), ("snella", 3), ("rbf", 3), ("sigmoid", 1), ("linear", 1)]
-
-
-def _kernel_scalars(kernel, device):
-    """alpha, beta, gamma away from their defaults where the kernel has them (None: the default)."""
-    if kernel == "snella":
-        bounds = ((0.5, 1.5), (-0.2, 0.2), (0.6, 1.4))
-    elif kernel in ("rbf", "sigmoid"):
-        bounds = ((0.5, 1.5), (0.5, 1.5), (-0.2, 0.2))
-    else:
-        return None, None, None
-    return tuple(torch.empty((), device=device).uniform_(lo, hi) for lo, hi in bounds)
 
 
 @pytest.mark.parametrize("kernel,groups", CASES)
@@ -50,7 +40,7 @@ def test_backward_differentiates_the_entries_the_forward_kept(seed, backend, ker
     scale = 0.25 if kernel in ("piecewise", "linear") else 2.0  # spread |ΔW| (offset kernels concentrate it)
     A = ((torch.rand(r, n, device=device) * 2 - 1) * scale * 4 / (n * r / 2) ** 0.5).requires_grad_()
     B = ((torch.rand(m, r, device=device) * 2 - 1) * scale * 4 / (m_g * r / 2) ** 0.5).requires_grad_()
-    alpha, beta, gamma = _kernel_scalars(kernel, device)
+    alpha, beta, gamma = random_kernel_scalars(kernel, device)
     sparsity = torch.tensor(0.8, dtype=torch.float64, device=device)
     x = torch.eye(n, device=device)
     # small integers: exact in tf32 and bf16, so G_S = Gᵀ exactly whatever precision a GEMM uses

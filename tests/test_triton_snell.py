@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import rel_rmse
+from oracles import random_kernel_scalars, rel_rmse
 
 from pysnell import _backend
 from pysnell.functional import kernel_merge, kernel_params, snell_linear
@@ -53,14 +53,8 @@ def _params(kernel, r, pieces, n, device, learnable=True):
     coeffs, alpha, beta, gamma = kernel_params(A, kernel, pieces, 0.1)
     if learnable and kernel != "linear":
         coeffs = coeffs * (1 + 0.5 * torch.rand_like(coeffs))
-    if kernel == "snella":
-        alpha = torch.empty((), device=device).uniform_(0.5, 1.5)
-        beta = torch.empty((), device=device).uniform_(-0.2, 0.2)
-        gamma = torch.empty((), device=device).uniform_(0.6, 1.4)
-    if kernel in ("rbf", "sigmoid"):  # α·k(β·…) + γ
-        alpha = torch.empty((), device=device).uniform_(0.5, 1.5)
-        beta = torch.empty((), device=device).uniform_(0.5, 1.5)
-        gamma = torch.empty((), device=device).uniform_(-0.2, 0.2)
+    if kernel in ("snella", "rbf", "sigmoid"):
+        alpha, beta, gamma = random_kernel_scalars(kernel, device)
     return KernelParams(coeffs, alpha, beta, gamma)
 
 

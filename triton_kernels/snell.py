@@ -187,12 +187,18 @@ def _delta_tile(
 ):
     """The full kernel value ΔW for a tile or a gather."""
     D, dists, invs = _regen(a_ptr, b_ptr, coeff_ptr, rows, cols, rmask, cmask, n, R, PIECES, KERNEL)
-    gamma = tl.load(gamma_ptr)
+    if KERNEL >= 2:
+        alpha = tl.load(alpha_ptr)
+        beta = tl.load(beta_ptr)
+        gamma = tl.load(gamma_ptr)
+    else:  # linear and piecewise have no scalars: nothing to load
+        alpha = 0.0
+        beta = 0.0
+        gamma = 0.0
     P = D  # unused unless snella
     if KERNEL == 2:
         P, z = _snella_softmax(D, gamma, stat_ptr, g, cols, cmask, n)
-    dw, inner = _kernel_value(D, P, tl.load(alpha_ptr), tl.load(beta_ptr), gamma, KERNEL)
-    return dw
+    return _kernel_value(D, P, alpha, beta, gamma, KERNEL)[0]
 
 
 @triton.jit
